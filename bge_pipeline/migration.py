@@ -1,0 +1,314 @@
+"""The migration's phases as plain functions over the resources: the assets call these, as do the jobs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import dagster as dg
+import psycopg
+
+from bge_pipeline import sql
+from bge_pipeline.backfill import Backfill, BackfillStats
+from bge_pipeline.catalog import MigrationError, TableState, read_table_state, unfinished_migrations, writable_column
+from bge_pipeline.database import DatabaseResource
+from bge_pipeline.encoder import Encoder
+
+SWAP_ATTEMPTS = 3
+
+
+class MigrationResource(dg.ConfigurableResource):
+    """Which table and columns to migrate, and how the backfill batches, retries and indexes."""
+
+    schema_name: str = "public"
+    table: str = "segments"
+    id_column: str = "id"
+    text_column: str = "text"
+    embedding_column: str = "embedding"
+    model: str
+    dimensions: int
+    partitions: int = 8
+    batch_rows: int = 1000
+    max_retries: int = 3
+    retry_base_seconds: float = 1.0
+    ivfflat_lists: Optional[int] = None
+    keep_old_embeddings: bool = True
+
+    @property
+    def staging_column(self) -> str:
+        return f"{self.embedding_column}_{self.dimensions}"
+
+    def read_state(self, conn: psycopg.Connection) -> TableState:
+        return read_table_state(
+            conn,
+            self.schema_name,
+            self.table,
+            self.id_column,
+            self.text_column,
+            self.embedding_column,
+            self.staging_column,
+        )
+
+    def writable_column(self, state: TableState) -> Optional[str]:
+        return writable_column(state, self.model, self.dimensions)
+
+    def target_column(self, state: TableState) -> str:
+        """The column this model fills; an error naming the missing step when there is none yet."""
+        column = self.writable_column(state)
+        if column is None:
+            raise MigrationError(
+                f"{state.table.name} has no column for EMBEDDING_MODEL={self.model!r} yet: "
+                "materialize staging_embedding_column (Phase 1) first"
+            )
+        return column
+
+
+def ivfflat_lists(rows: int, override: Optional[int] = None) -> int:
+    """The guide's formula, min(1000, max(100, sqrt(rows))), unless IVFFLAT_LISTS says otherwise."""
+    return override or min(1000, max(100, int(math.sqrt(rows))))
+
+
+# --- Phase 1 ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StagingResult:
+    column: str
+    created: bool
+    migrated: bool
+
+
+def prepare_staging_column(db: DatabaseResource, migration: MigrationResource, encoder: Encoder) -> StagingResult:
+    """Add `embedding_<dims>` for the configured model, or confirm the table already carries its vectors.
+
+    Unlike the guide, the old index keeps serving searches on the old column until the swap.
+    """
+    db.ensure_pgvector()
+    if encoder.dimensions != migration.dimensions:  # Encoder.load already refused a mismatched model
+        raise MigrationError(f"EMBEDDING_DIMENSIONS={migration.dimensions} but the encoder has {encoder.dimensions}")
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+        table = state.table
+        column = migration.writable_column(state)
+        if column is None:
+            stale = unfinished_migrations(state, migration.model, migration.dimensions)
+            if stale:
+                raise MigrationError(
+                    f"{table.name} has an unfinished migration in {', '.join(stale)}: finish it with that "
+                    "EMBEDDING_MODEL, or run the rollback_staging_column job with it before changing models"
+                )
+            column = table.staging_column
+            conn.execute(sql.add_vector_column(table, column, migration.dimensions))
+            conn.execute(sql.UPSERT_MODEL, (table.schema, table.name, column, migration.model, migration.dimensions))
+            conn.execute(sql.comment_column(table, column, f"bge-pipeline: {migration.model} ({migration.dimensions} dims)"))
+            created = True
+        else:
+            created = False
+        for statement in sql.create_stale_vector_trigger(table, [column]):
+            conn.execute(statement)
+    return StagingResult(column=column, created=created, migrated=column == table.live_column)
+
+
+# --- Phase 2 ----------------------------------------------------------------------------------------------
+
+
+def backfill(
+    db: DatabaseResource,
+    migration: MigrationResource,
+    encoder: Encoder,
+    buckets: list[int],
+    log: logging.Logger,
+    on_batch: Any = None,
+) -> tuple[str, BackfillStats]:
+    """Embed the NULL rows of `buckets` into the column the configured model owns."""
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+    column = migration.target_column(state)
+    stats = Backfill(
+        db=db,
+        encoder=encoder,
+        table=state.table,
+        column=column,
+        partitions=migration.partitions,
+        buckets=buckets,
+        batch_rows=migration.batch_rows,
+        max_retries=migration.max_retries,
+        retry_base_seconds=migration.retry_base_seconds,
+        log=log,
+        on_batch=on_batch,
+    ).run()
+    return column, stats
+
+
+# --- the index --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IndexResult:
+    column: str
+    name: str
+    lists: int
+    rows: int
+    built: bool
+    seconds: float
+
+
+def build_index(db: DatabaseResource, migration: MigrationResource, log: logging.Logger) -> IndexResult:
+    """IVFFLAT with vector_cosine_ops on the model's column; kept when a valid one exists, rebuilt when not."""
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+        column = migration.target_column(state)
+        rows = conn.execute(sql.count_vectors(state.table, column)).fetchone()[0]
+    table = state.table
+    name = table.index_name(column)
+    lists = ivfflat_lists(rows, migration.ivfflat_lists)
+    existing = state.index(name)
+    if existing and _index_usable(existing, column) and (migration.ivfflat_lists in (None, existing.lists)):
+        return IndexResult(column, name, existing.lists or lists, rows, built=False, seconds=0.0)
+    started = time.perf_counter()
+    with db.connect(autocommit=True) as conn:
+        if existing:
+            log.info(f"Dropping index {name} ({'invalid' if not existing.valid else 'other parameters'})")
+            conn.execute(sql.drop_index(table, name))
+        for statement in sql.INDEX_BUILD_SETTINGS:
+            conn.execute(statement)
+        log.info(f"Building IVFFLAT index {name} on {table.name}.{column}: {rows:,} vectors, lists={lists}")
+        with _IndexProgress(db, table, log):
+            conn.execute(sql.create_ivfflat_index(table, column, name, lists))
+        conn.execute(psycopg.sql.SQL("ANALYZE {t}").format(t=table.ident))
+    return IndexResult(column, name, lists, rows, built=True, seconds=time.perf_counter() - started)
+
+
+def _index_usable(index: Any, column: str) -> bool:
+    return index.valid and index.method == "ivfflat" and index.opclass == sql.INDEX_OPCLASS and index.column == column
+
+
+class _IndexProgress(threading.Thread):
+    """Logs pg_stat_progress_create_index every 10 s while an index builds."""
+
+    def __init__(self, db: DatabaseResource, table: sql.Table, log: logging.Logger) -> None:
+        super().__init__(daemon=True)
+        self.db, self.table, self.log = db, table, log
+        self.stop = threading.Event()
+
+    def __enter__(self) -> "_IndexProgress":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        while not self.stop.wait(10.0):
+            try:
+                with self.db.connect() as conn:
+                    row = conn.execute(sql.INDEX_BUILD_PROGRESS, (self.table.schema, self.table.name)).fetchone()
+            except psycopg.Error:
+                continue
+            if row:
+                phase, blocks_done, blocks_total, tuples_done, tuples_total = row
+                self.log.info(
+                    f"Index build: {phase}, blocks {blocks_done:,}/{blocks_total:,}, tuples {tuples_done:,}/{tuples_total:,}"
+                )
+
+
+# --- Phase 3 ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SwapResult:
+    swapped: bool
+    column: str
+    index: str
+    rows_topped_up: int
+    backup_table: Optional[str]
+    old_dimensions: Optional[int]
+
+
+def swap_columns(
+    db: DatabaseResource, migration: MigrationResource, encoder: Encoder, log: logging.Logger
+) -> SwapResult:
+    """Drop the old column and rename the staging column and its index, in one transaction.
+
+    Readers see the old column with its index until the commit, and the new one with its index after it.
+    """
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+    table = state.table
+    if migration.writable_column(state) == table.live_column:
+        return SwapResult(False, table.live_column, table.index_name(table.live_column), 0, None, None)
+    migration.target_column(state)  # refuses a staging column of another model, or none at all
+    staging_index = table.index_name(table.staging_column)
+    if state.index(staging_index) is None or not _index_usable(state.index(staging_index), table.staging_column):
+        build_index(db, migration, log)
+    old = state.columns.get(table.live_column)
+    backup = None
+    if old is not None and migration.keep_old_embeddings and old.typname == "vector":
+        backup = _back_up_old_vectors(db, migration, state, old.vector_dimensions)
+        log.info(f"Kept the old vectors of {table.name}.{table.live_column} in {backup}")
+    topped_up = 0
+    for attempt in range(1, SWAP_ATTEMPTS + 1):
+        _, stats = backfill(db, migration, encoder, list(range(migration.partitions)), log)
+        topped_up += stats.rows_embedded
+        with db.connect() as conn:
+            conn.execute("SET LOCAL lock_timeout = '60s'")
+            conn.execute(sql.lock_table(table))
+            pending = conn.execute(sql.count_pending(table, table.staging_column)).fetchone()[0]
+            if pending:
+                conn.rollback()
+                log.info(f"{pending} rows arrived without a vector before the lock (attempt {attempt}): embedding them")
+                continue
+            locked = migration.read_state(conn)
+            if migration.writable_column(locked) != table.staging_column:
+                raise MigrationError(f"{table.name} changed while waiting for the swap lock: rerun the swap")
+            conn.execute(sql.drop_column(table, table.live_column))
+            conn.execute(sql.rename_column(table, table.staging_column, table.live_column))
+            conn.execute(sql.rename_index(table, staging_index, table.index_name(table.live_column)))
+            conn.execute(sql.DELETE_MODEL, (table.schema, table.name, table.staging_column))
+            conn.execute(
+                sql.UPSERT_MODEL, (table.schema, table.name, table.live_column, migration.model, migration.dimensions)
+            )
+            conn.execute(
+                sql.comment_column(table, table.live_column, f"bge-pipeline: {migration.model} ({migration.dimensions} dims)")
+            )
+            for statement in sql.create_stale_vector_trigger(table, [table.live_column]):
+                conn.execute(statement)
+        return SwapResult(
+            True,
+            table.live_column,
+            table.index_name(table.live_column),
+            topped_up,
+            backup,
+            old.vector_dimensions if old else None,
+        )
+    raise MigrationError(
+        f"{table.name} kept receiving rows without vectors during {SWAP_ATTEMPTS} swap attempts: "
+        "rerun live_embedding_column when writes slow down"
+    )
+
+
+def _back_up_old_vectors(
+    db: DatabaseResource, migration: MigrationResource, state: TableState, dimensions: Optional[int]
+) -> str:
+    table = state.table
+    backup = table.backup_table(dimensions or 0)
+    recorded = state.models.get(table.live_column)
+    with db.connect() as conn:
+        conn.execute(sql.drop_table(table.schema, backup))
+        conn.execute(sql.create_backup_table(table, backup, table.live_column))
+        conn.execute(
+            sql.UPSERT_MODEL,
+            (
+                table.schema,
+                table.name,
+                backup,
+                recorded.model if recorded else "unrecorded (before bge-pipeline)",
+                dimensions or 0,
+            ),
+        )
+    return backup
