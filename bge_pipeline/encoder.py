@@ -122,7 +122,7 @@ class Encoder:
         """Load the model and refuse it, before anything is written, if its dimension is not `dimensions`."""
         resolved = resolve_device(device)
         loaded = load_sentence_transformer(model, resolved, backend)
-        produced = loaded.get_sentence_embedding_dimension()
+        produced = loaded.get_embedding_dimension()
         if produced is None:
             produced = int(loaded.encode(["dimension probe"], convert_to_numpy=True).shape[1])
         if produced != dimensions:

@@ -14,9 +14,17 @@ import psycopg
 
 from bge_pipeline import sql
 from bge_pipeline.backfill import Backfill, BackfillStats
-from bge_pipeline.catalog import MigrationError, TableState, read_table_state, unfinished_migrations, writable_column
+from bge_pipeline.catalog import (
+    MigrationError,
+    RecordedModel,
+    TableState,
+    read_table_state,
+    unfinished_migrations,
+    writable_column,
+)
 from bge_pipeline.database import DatabaseResource
 from bge_pipeline.encoder import Encoder
+from bge_pipeline.sql import Table
 
 SWAP_ATTEMPTS = 3
 
@@ -161,13 +169,20 @@ def build_index(db: DatabaseResource, migration: MigrationResource, log: logging
     """IVFFLAT with vector_cosine_ops on the model's column; kept when a valid one exists, rebuilt when not."""
     with db.connect() as conn:
         state = migration.read_state(conn)
-        column = migration.target_column(state)
-        rows = conn.execute(sql.count_vectors(state.table, column)).fetchone()[0]
+    return ensure_index(db, state, migration.target_column(state), migration.ivfflat_lists, log)
+
+
+def ensure_index(
+    db: DatabaseResource, state: TableState, column: str, lists_override: Optional[int], log: logging.Logger
+) -> IndexResult:
+    """Build the IVFFLAT index of `column` unless a valid one with the wanted parameters exists."""
     table = state.table
+    with db.connect() as conn:
+        rows = conn.execute(sql.count_vectors(table, column)).fetchone()[0]
     name = table.index_name(column)
-    lists = ivfflat_lists(rows, migration.ivfflat_lists)
+    lists = ivfflat_lists(rows, lists_override)
     existing = state.index(name)
-    if existing and _index_usable(existing, column) and (migration.ivfflat_lists in (None, existing.lists)):
+    if existing and _index_usable(existing, column) and lists_override in (None, existing.lists):
         return IndexResult(column, name, existing.lists or lists, rows, built=False, seconds=0.0)
     started = time.perf_counter()
     with db.connect(autocommit=True) as conn:
@@ -179,7 +194,7 @@ def build_index(db: DatabaseResource, migration: MigrationResource, log: logging
         log.info(f"Building IVFFLAT index {name} on {table.name}.{column}: {rows:,} vectors, lists={lists}")
         with _IndexProgress(db, table, log):
             conn.execute(sql.create_ivfflat_index(table, column, name, lists))
-        conn.execute(psycopg.sql.SQL("ANALYZE {t}").format(t=table.ident))
+        conn.execute(sql.analyze(table))
     return IndexResult(column, name, lists, rows, built=True, seconds=time.perf_counter() - started)
 
 
@@ -243,9 +258,7 @@ def swap_columns(
     if migration.writable_column(state) == table.live_column:
         return SwapResult(False, table.live_column, table.index_name(table.live_column), 0, None, None)
     migration.target_column(state)  # refuses a staging column of another model, or none at all
-    staging_index = table.index_name(table.staging_column)
-    if state.index(staging_index) is None or not _index_usable(state.index(staging_index), table.staging_column):
-        build_index(db, migration, log)
+    ensure_index(db, state, table.staging_column, migration.ivfflat_lists, log)
     old = state.columns.get(table.live_column)
     backup = None
     if old is not None and migration.keep_old_embeddings and old.typname == "vector":
@@ -256,28 +269,15 @@ def swap_columns(
         _, stats = backfill(db, migration, encoder, list(range(migration.partitions)), log)
         topped_up += stats.rows_embedded
         with db.connect() as conn:
-            conn.execute("SET LOCAL lock_timeout = '60s'")
+            conn.execute(sql.SWAP_LOCK_TIMEOUT)
             conn.execute(sql.lock_table(table))
             pending = conn.execute(sql.count_pending(table, table.staging_column)).fetchone()[0]
-            if pending:
+            if pending and attempt < SWAP_ATTEMPTS:
                 conn.rollback()
                 log.info(f"{pending} rows arrived without a vector before the lock (attempt {attempt}): embedding them")
                 continue
-            locked = migration.read_state(conn)
-            if migration.writable_column(locked) != table.staging_column:
-                raise MigrationError(f"{table.name} changed while waiting for the swap lock: rerun the swap")
-            conn.execute(sql.drop_column(table, table.live_column))
-            conn.execute(sql.rename_column(table, table.staging_column, table.live_column))
-            conn.execute(sql.rename_index(table, staging_index, table.index_name(table.live_column)))
-            conn.execute(sql.DELETE_MODEL, (table.schema, table.name, table.staging_column))
-            conn.execute(
-                sql.UPSERT_MODEL, (table.schema, table.name, table.live_column, migration.model, migration.dimensions)
-            )
-            conn.execute(
-                sql.comment_column(table, table.live_column, f"bge-pipeline: {migration.model} ({migration.dimensions} dims)")
-            )
-            for statement in sql.create_stale_vector_trigger(table, [table.live_column]):
-                conn.execute(statement)
+            _refuse_unless_swappable(conn, migration, pending)
+            _promote(conn, table, table.staging_column, RecordedModel(migration.model, migration.dimensions), True)
         return SwapResult(
             True,
             table.live_column,
@@ -286,10 +286,45 @@ def swap_columns(
             backup,
             old.vector_dimensions if old else None,
         )
-    raise MigrationError(
-        f"{table.name} kept receiving rows without vectors during {SWAP_ATTEMPTS} swap attempts: "
-        "rerun live_embedding_column when writes slow down"
+    raise AssertionError("unreachable: the last attempt swaps or refuses")
+
+
+def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationResource, pending: int) -> None:
+    """The swap's guards, checked under the table lock: each refusal names its reason and count."""
+    state = migration.read_state(conn)
+    table = state.table
+    if pending:
+        raise MigrationError(
+            f"Swap refused: {pending} rows of {table.name} have text but no vector in {table.staging_column}"
+        )
+    wrong = conn.execute(sql.count_wrong_dimensions(table, table.staging_column), (migration.dimensions,)).fetchone()[0]
+    if wrong:
+        raise MigrationError(
+            f"Swap refused: {wrong} vectors in {table.name}.{table.staging_column} do not have "
+            f"EMBEDDING_DIMENSIONS={migration.dimensions} components"
+        )
+    recorded = state.models.get(table.staging_column)
+    if recorded != RecordedModel(migration.model, migration.dimensions):
+        raise MigrationError(
+            f"Swap refused: {table.name}.{table.staging_column} holds "
+            f"{recorded.model if recorded else 'unrecorded'} vectors, not EMBEDDING_MODEL={migration.model!r}"
+        )
+
+
+def _promote(conn: psycopg.Connection, table: Table, column: str, model: RecordedModel, owned: bool) -> None:
+    """Inside the caller's locked transaction: `column` and its index take the live names."""
+    conn.execute(sql.drop_column(table, table.live_column))
+    conn.execute(sql.rename_column(table, column, table.live_column))
+    conn.execute(sql.rename_index(table, table.index_name(column), table.index_name(table.live_column)))
+    conn.execute(sql.DELETE_MODEL, (table.schema, table.name, column))
+    conn.execute(sql.UPSERT_MODEL, (table.schema, table.name, table.live_column, model.model, model.dimensions))
+    conn.execute(
+        sql.comment_column(table, table.live_column, f"bge-pipeline: {model.model} ({model.dimensions} dims)")
     )
+    # Only vectors this pipeline can recompute are NULLed when their text changes.
+    statements = sql.create_stale_vector_trigger(table, [table.live_column]) if owned else sql.drop_stale_vector_trigger(table)
+    for statement in statements:
+        conn.execute(statement)
 
 
 def _back_up_old_vectors(
@@ -312,3 +347,120 @@ def _back_up_old_vectors(
             ),
         )
     return backup
+
+
+# --- rollback and restore ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RollbackPlan:
+    """What a destructive job will do, said before it does it."""
+
+    description: str
+    rows: int
+
+
+def plan_clear_staging(db: DatabaseResource, migration: MigrationResource) -> RollbackPlan:
+    """The guide's `alembic downgrade 005`: the staging column stays, its vectors go."""
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+        column = _staging_or_refuse(state)
+        rows = conn.execute(sql.count_vectors(state.table, column)).fetchone()[0]
+    return RollbackPlan(f"set the {rows:,} vectors of {state.table.name}.{column} to NULL", rows)
+
+
+def clear_staging(db: DatabaseResource, migration: MigrationResource) -> int:
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+        return conn.execute(sql.clear_column(state.table, _staging_or_refuse(state))).rowcount
+
+
+def plan_drop_staging(db: DatabaseResource, migration: MigrationResource) -> RollbackPlan:
+    """The guide's `alembic downgrade 004`: the table as it was before Phase 1; the old index never left."""
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+        column = _staging_or_refuse(state)
+        rows = conn.execute(sql.count_vectors(state.table, column)).fetchone()[0]
+    return RollbackPlan(
+        f"drop {state.table.name}.{column} ({rows:,} vectors), its index and its model record; "
+        f"{state.table.live_column} and its index are untouched",
+        rows,
+    )
+
+
+def drop_staging(db: DatabaseResource, migration: MigrationResource) -> None:
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+    table, column = state.table, _staging_or_refuse(state)
+    with db.connect(autocommit=True) as conn:
+        conn.execute(sql.drop_index(table, table.index_name(column)))
+    with db.connect() as conn:
+        conn.execute(sql.drop_column(table, column))
+        conn.execute(sql.DELETE_MODEL, (table.schema, table.name, column))
+        for statement in sql.drop_stale_vector_trigger(table):
+            conn.execute(statement)
+
+
+def _staging_or_refuse(state: TableState) -> str:
+    """Any staging column (`embedding_<dims>` recorded by the pipeline), whatever model it was for."""
+    table = state.table
+    staged = [c for c in state.models if c != table.live_column and state.has(c)]
+    if not staged:
+        raise MigrationError(f"{table.name} has no staging column to roll back: Phase 3 is done or Phase 1 never ran")
+    return staged[0]
+
+
+def available_backups(state: TableState) -> dict[int, RecordedModel]:
+    """Backups of old vectors kept by earlier swaps, by dimension."""
+    prefix = state.table.backup_table_prefix
+    return {
+        recorded.dimensions: recorded for column, recorded in state.models.items() if column.startswith(prefix)
+    }
+
+
+def plan_restore(db: DatabaseResource, migration: MigrationResource, dimensions: int) -> RollbackPlan:
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+        _backup_or_refuse(state, dimensions)
+        rows = conn.execute(sql.count_table(state.table.schema, state.table.backup_table(dimensions))).fetchone()[0]
+    table = state.table
+    return RollbackPlan(
+        f"replace {table.name}.{table.live_column} with the {rows:,} {dimensions}-dim vectors kept in "
+        f"{table.backup_table(dimensions)} and index them"
+        + (" (the current vectors are kept in a backup first)" if migration.keep_old_embeddings else ""),
+        rows,
+    )
+
+
+def restore_backup(db: DatabaseResource, migration: MigrationResource, dimensions: int, log: logging.Logger) -> str:
+    """Put the old model's column back from its backup table, with an index, swapped in atomically."""
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+    table = state.table
+    recorded = _backup_or_refuse(state, dimensions)
+    column = f"{table.live_column}_{dimensions}"
+    if state.has(column) and column not in state.models:
+        raise MigrationError(f"{table.name}.{column} exists and is not the pipeline's: remove it before restoring")
+    with db.connect() as conn:
+        conn.execute(sql.add_vector_column(table, column, dimensions))
+        conn.execute(sql.UPSERT_MODEL, (table.schema, table.name, column, recorded.model, dimensions))
+        conn.execute(sql.restore_from_backup(table, table.backup_table(dimensions), column, table.live_column))
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+    ensure_index(db, state, column, None, log)
+    live = state.columns.get(table.live_column)
+    if live is not None and live.typname == "vector" and migration.keep_old_embeddings:
+        _back_up_old_vectors(db, migration, state, live.vector_dimensions)
+    with db.connect() as conn:
+        conn.execute(sql.SWAP_LOCK_TIMEOUT)
+        conn.execute(sql.lock_table(table))
+        _promote(conn, table, column, recorded, owned=recorded == RecordedModel(migration.model, migration.dimensions))
+    return table.backup_table(dimensions)
+
+
+def _backup_or_refuse(state: TableState, dimensions: int) -> RecordedModel:
+    backups = available_backups(state)
+    if dimensions not in backups:
+        kept = ", ".join(f"{d} dims ({m.model})" for d, m in sorted(backups.items())) or "none"
+        raise MigrationError(f"No backup of {dimensions}-dim vectors for {state.table.name}: kept backups: {kept}")
+    return backups[dimensions]

@@ -55,10 +55,13 @@ class Table:
         return f"bge_pipeline:{self.schema}.{self.name}"
 
     def bucket_expr(self, buckets: int) -> sql.Composable:
-        """Which backfill partition a row belongs to: computable from the row alone, stable across runs."""
+        """Which backfill partition a row belongs to: a hash of the id, so ids in steps (1, 41, 81, ...) still
+        spread evenly; computable from the row alone and stable across runs."""
         if self.id_type in INTEGER_TYPES:
-            return sql.SQL("mod(mod({id}, {n}) + {n}, {n})").format(id=self.id, n=sql.Literal(buckets))
-        return sql.SQL("mod(abs(hashtext({id}::text)::bigint), {n})").format(id=self.id, n=sql.Literal(buckets))
+            hashed = sql.SQL("hashint8extended({id}::bigint, 0)").format(id=self.id)
+        else:
+            hashed = sql.SQL("hashtextextended({id}::text, 0)").format(id=self.id)
+        return sql.SQL("mod(mod({h}, {n}) + {n}, {n})").format(h=hashed, n=sql.Literal(buckets))
 
 
 # --- extension and bookkeeping -----------------------------------------------------------------------------
@@ -154,10 +157,22 @@ def clear_column(table: Table, column: str) -> sql.Composed:
     return sql.SQL("UPDATE {t} SET {c} = NULL WHERE {c} IS NOT NULL").format(t=table.ident, c=sql.Identifier(column))
 
 
+def _stale_vector_names(table: Table) -> tuple[sql.Identifier, sql.Identifier]:
+    name = f"{table.name}_bge_stale_vectors"[:63]
+    return sql.Identifier(table.schema, name), sql.Identifier(name)
+
+
+def drop_stale_vector_trigger(table: Table) -> list[sql.Composed]:
+    function, trigger = _stale_vector_names(table)
+    return [
+        sql.SQL("DROP TRIGGER IF EXISTS {trg} ON {t}").format(trg=trigger, t=table.ident),
+        sql.SQL("DROP FUNCTION IF EXISTS {f}()").format(f=function),
+    ]
+
+
 def create_stale_vector_trigger(table: Table, columns: list[str]) -> list[sql.Composed]:
     """A changed text makes its vectors stale: NULL them in the same statement so the backfill finds the row."""
-    function = sql.Identifier(table.schema, f"{table.name}_bge_stale_vectors"[:63])
-    trigger = sql.Identifier(f"{table.name}_bge_stale_vectors"[:63])
+    function, trigger = _stale_vector_names(table)
     assignments = sql.SQL(" ").join(
         sql.SQL("NEW.{c} := NULL;").format(c=sql.Identifier(column)) for column in columns
     )
@@ -289,6 +304,9 @@ INDEX_BUILD_SETTINGS = [
 # --- phase 3: the swap ----------------------------------------------------------------------------------
 
 
+SWAP_LOCK_TIMEOUT = sql.SQL("SET LOCAL lock_timeout = '60s'")
+
+
 def lock_table(table: Table) -> sql.Composed:
     return sql.SQL("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE").format(t=table.ident)
 
@@ -315,10 +333,22 @@ def drop_table(schema: str, name: str) -> sql.Composed:
     return sql.SQL("DROP TABLE IF EXISTS {b}").format(b=sql.Identifier(schema, name))
 
 
-def restore_from_backup(table: Table, backup: str, column: str) -> sql.Composed:
-    return sql.SQL("UPDATE {t} AS t SET {c} = b.{c} FROM {b} AS b WHERE t.{id} = b.{id}").format(
-        t=table.ident, c=sql.Identifier(column), b=sql.Identifier(table.schema, backup), id=table.id
+def restore_from_backup(table: Table, backup: str, column: str, backup_column: str) -> sql.Composed:
+    return sql.SQL("UPDATE {t} AS t SET {c} = b.{bc} FROM {b} AS b WHERE t.{id} = b.{id}").format(
+        t=table.ident,
+        c=sql.Identifier(column),
+        bc=sql.Identifier(backup_column),
+        b=sql.Identifier(table.schema, backup),
+        id=table.id,
     )
+
+
+def count_table(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("SELECT count(*) FROM {t}").format(t=sql.Identifier(schema, name))
+
+
+def analyze(table: Table) -> sql.Composed:
+    return sql.SQL("ANALYZE {t}").format(t=table.ident)
 
 
 # --- search ---------------------------------------------------------------------------------------------
@@ -346,6 +376,52 @@ def sample_rows(table: Table, column: str) -> sql.Composed:
     return sql.SQL(
         "SELECT {id}, {text}, {c}::text FROM {t} WHERE {c} IS NOT NULL ORDER BY md5({id}::text) LIMIT %s"
     ).format(id=table.id, text=table.text, c=sql.Identifier(column), t=table.ident)
+
+
+VECTOR_VERSION = sql.SQL("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+
+# The planner's estimate, not count(*): a search must not scan the table to decide how to scan it.
+ESTIMATED_ROWS = sql.SQL(
+    "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(format('%%I.%%I', %s::text, %s::text))"
+)
+
+
+def ann_candidates(table: Table, column: str) -> sql.Composed:
+    """The index's nearest rows, re-sorted: iterative scans in relaxed_order may return them slightly out of order."""
+    return sql.SQL("WITH candidates AS MATERIALIZED ({inner}) SELECT * FROM candidates ORDER BY distance").format(
+        inner=nearest_neighbours(table, column)
+    )
+
+
+def rows_present(table: Table, column: str) -> sql.Composed:
+    """Which of the given ids have a vector in `column`."""
+    return sql.SQL("SELECT {id} FROM {t} WHERE {id} = ANY(%s) AND {c} IS NOT NULL").format(
+        id=table.id, t=table.ident, c=sql.Identifier(column)
+    )
+
+
+def sample_vectors(table: Table, column: str) -> sql.Composed:
+    """A deterministic sample (the same rows on every run) of ids with their vectors."""
+    return sql.SQL(
+        "SELECT {id}, {c} FROM {t} WHERE {c} IS NOT NULL ORDER BY md5({id}::text) LIMIT %s"
+    ).format(id=table.id, c=sql.Identifier(column), t=table.ident)
+
+
+def vectors_by_id(schema: str, relation: str, id_column: str, column: str) -> sql.Composed:
+    """`column` for the given ids, from the table itself or from a backup table of old vectors."""
+    return sql.SQL("SELECT {id}, {c} FROM {r} WHERE {id} = ANY(%s) AND {c} IS NOT NULL").format(
+        id=sql.Identifier(id_column), c=sql.Identifier(column), r=sql.Identifier(schema, relation)
+    )
+
+
+def neighbour_ids(schema: str, relation: str, id_column: str, column: str) -> sql.Composed:
+    """The ids nearest to a vector under `column`, the row itself excluded; run with index scans disabled."""
+    return sql.SQL(
+        """
+        SELECT {id} FROM {r} WHERE {c} IS NOT NULL AND {id} <> %(id)s
+        ORDER BY {c} <=> %(query)s::vector LIMIT %(limit)s
+        """
+    ).format(id=sql.Identifier(id_column), c=sql.Identifier(column), r=sql.Identifier(schema, relation))
 
 
 # --- the guide's verification queries -------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""What the tests ask of Dagster and of the database, in the words a user would use."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import dagster as dg
+import numpy as np
+import psycopg
+
+from bge_pipeline.definitions import defs
+
+ALL_ASSETS_AND_CHECKS = [*defs.assets, *defs.asset_checks]  # type: ignore[misc]
+
+
+def materialize(
+    resources: dict[str, Any],
+    selection: "str | dg.AssetSelection" = "embeddings*",
+    partition_key: Optional[str] = None,
+    instance: Optional[dg.DagsterInstance] = None,
+    raise_on_error: bool = True,
+) -> dg.ExecuteInProcessResult:
+    """The in-process equivalent of `dagster asset materialize -m bge_pipeline --select SELECTION`."""
+    return dg.materialize(
+        ALL_ASSETS_AND_CHECKS,
+        selection=selection,
+        resources=resources,
+        partition_key=partition_key,
+        instance=instance,
+        raise_on_error=raise_on_error,
+    )
+
+
+def columns(conn: psycopg.Connection, table: str = "segments") -> dict[str, str]:
+    """Column name -> declared type, as `\\d segments` shows them."""
+    rows = conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+        (table,),
+    ).fetchall()
+    return dict(rows)
+
+
+def indexes(conn: psycopg.Connection, table: str = "segments") -> dict[str, str]:
+    return dict(conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s", (table,)).fetchall())
+
+
+def vectors(conn: psycopg.Connection, column: str = "embedding", table: str = "segments") -> dict[int, np.ndarray]:
+    """id -> vector (NULLs left out)."""
+    rows = conn.execute(
+        psycopg.sql.SQL("SELECT id, {c}::text FROM {t} WHERE {c} IS NOT NULL").format(
+            c=psycopg.sql.Identifier(column), t=psycopg.sql.Identifier(table)
+        )
+    ).fetchall()
+    return {row[0]: np.array([float(x) for x in row[1].strip("[]").split(",")], dtype=np.float32) for row in rows}
+
+
+def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+
+
+def metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
+    events = result.asset_materializations_for_node(asset)
+    return {key: value.value for key, value in events[-1].metadata.items()}
