@@ -62,14 +62,15 @@ def test_sensor_asks_for_a_run_past_the_threshold(seed_table, resources, connect
     threshold = jobs.current_settings().reembed_min_pending  # 1000 by default
 
     with dg.instance_for_test() as instance:
-        context = dg.build_sensor_context(instance=instance, resources=resources)
-        quiet = list(jobs.pending_rows_sensor(context))
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            quiet = list(jobs.pending_rows_sensor(context))
         with connect() as conn:
             conn.execute(
                 "INSERT INTO segments (id, text) SELECT 10000 + g, 'pending row ' || g FROM generate_series(1, %s) g",
                 (threshold,),
             )
-        busy = list(jobs.pending_rows_sensor(dg.build_sensor_context(instance=instance, resources=resources)))
+        with dg.build_sensor_context(instance=instance, resources=resources) as context:
+            busy = list(jobs.pending_rows_sensor(context))
 
     assert isinstance(quiet[0], dg.SkipReason) and "0 rows pending" in quiet[0].skip_message
     assert isinstance(busy[0], dg.RunRequest) and busy[0].tags["rows_pending"] == str(threshold)
