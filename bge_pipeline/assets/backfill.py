@@ -15,6 +15,13 @@ _BUCKETS = current_settings().backfill_partitions
 # Buckets of `id mod N`: fixed when the definitions load, so loading needs no database, and two partitions
 # never share a row.
 backfill_partitions = dg.StaticPartitionsDefinition([f"{i:0{len(str(_BUCKETS - 1))}d}" for i in range(_BUCKETS)])
+# One GPU for the encoding step's pod. dagster-k8s reads this op tag only under k8s_job_executor (a pod per
+# step); with the in-process executor the K8sRunLauncher sizes the run's pod from the run tag of the same name
+# or the Helm chart's runK8sConfig (deploy/README.md). Elsewhere the tag is inert.
+GPU_POD_CONFIG = {
+    "container_config": {"resources": {"requests": {"nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}},
+    "pod_spec_config": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+}
 
 
 @dg.asset(
@@ -22,6 +29,7 @@ backfill_partitions = dg.StaticPartitionsDefinition([f"{i:0{len(str(_BUCKETS - 1
     partitions_def=backfill_partitions,
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     pool="gpu",
+    op_tags={"dagster-k8s/config": GPU_POD_CONFIG},
     group_name=GROUP,
     kinds={"pytorch", "pgvector"},
     owners=["team:search"],
