@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from bge_pipeline.settings import Settings, SettingsError
@@ -31,6 +32,16 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.complete else 1
 
 
+def _backup(args: argparse.Namespace, settings: Settings) -> int:
+    from bge_pipeline.backup import dump_table
+    from bge_pipeline.resources import build_resources
+
+    database = build_resources(settings, from_environment=False)["database"]
+    path = dump_table(database.url, settings.embedding_schema, settings.embedding_table, args.out)
+    print(f"Dumped {settings.embedding_schema}.{settings.embedding_table} to {path} (restore: pg_restore -d DB {path})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bge-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(handler=_verify)
 
+    backup = commands.add_parser("backup", help="pg_dump the embeddings table, as the guide asks before migrating")
+    backup.add_argument("--out", type=Path, default=None, help="the dump file (default: a timestamped name)")
+    backup.set_defaults(handler=_backup)
+
     for register in _optional_commands():
         register(commands)
     return parser
@@ -51,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands whose modules own their arguments: search, bench, eval."""
-    from bge_pipeline import bench, evaluation, search
+    from bge_pipeline import bench, dev, evaluation, search
 
-    return [search.register_command, bench.register_command, evaluation.register_command]
+    return [search.register_command, bench.register_command, evaluation.register_command, dev.register_command]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
