@@ -1,0 +1,180 @@
+"""The speed tools as a user runs them: `bge-pipeline bench` and `bench --pipeline` print sane figures, the ONNX
+and OpenVINO backends give the torch vectors, the stand-in model has bge-small's shape, and OOM halves the batch.
+
+Tiny inputs and the 6-layer MiniLM keep this file near a minute on two cores; the figures printed are not checked
+against targets (those are benchmarks, run by hand: docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bge_pipeline.encoder import Encoder, resolve_backend
+
+TEXTS = [
+    "",
+    "a",
+    "The State of the Union is strong.",
+    "Fellow-Citizens of the Senate and House of Representatives: I embrace with great satisfaction the opportunity.",
+    " ".join(["the congress shall have power to lay and collect taxes"] * 120),  # past 512 tokens: truncated
+]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "bge_pipeline.cli", *args],
+        capture_output=True, text=True, timeout=300, env=full_env, cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def test_bench_prints_throughput_per_batch_size_and_the_best(minilm_path: str) -> None:
+    done = run_cli("bench", "--model", minilm_path, "--texts", "32", "--batch-sizes", "8,16", "--device", "cpu",
+                   "--backend", "torch", "--baseline-model", minilm_path, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "batch_size=8 " in done.stdout and "batch_size=16" in done.stdout
+    assert "✅ Best encoding throughput:" in done.stdout
+    assert "🚀 Speedup vs" in done.stdout
+    assert "Device: cpu" in done.stdout
+
+
+def test_bench_json_reports_rates_for_each_backend(minilm_path: str) -> None:
+    done = run_cli("bench", "--model", minilm_path, "--texts", "16", "--batch-sizes", "8,16", "--device", "cpu",
+                   "--backend", "torch,onnx", "--json", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # --json: stdout is one JSON object, the human lines are on stderr
+    assert [(r["backend"], r["batch_size"]) for r in result["runs"]] == [
+        ("torch", 8), ("torch", 16), ("onnx", 8), ("onnx", 16)
+    ]
+    assert all(0 < r["texts_per_second"] < 100_000 and r["texts"] == 16 for r in result["runs"])
+    assert result["dimensions"] == 384 and result["device"] == "cpu"
+    assert result["best"]["texts_per_second"] == max(r["texts_per_second"] for r in result["runs"])
+    assert result["backend_agreement"]["onnx"] >= 0.999
+    assert set(result["backend_speedups"]) == {"torch", "onnx"}
+
+
+@pytest.mark.pgvector
+def test_pipeline_bench_measures_encoding_writes_backfill_index_and_rss(
+    minilm_path: str, database_url: str, connect: Any
+) -> None:
+    done = run_cli("bench", "--pipeline", "--model", minilm_path, "--rows", "120", "--batch-rows", "30",
+                   "--device", "cpu", "--backend", "torch", "--json", "--no-progress",
+                   env={"DATABASE_URL": database_url})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["rows"] == 120 and result["rows_embedded"] == 120
+    for key in ("encode_texts_per_second", "write_unnest_rows_per_second", "write_executemany_rows_per_second",
+                "end_to_end_rows_per_second"):
+        assert result[key] > 0, key
+    assert 0 < result["end_to_end_ratio"] < 2
+    assert result["index_build_seconds"] > 0 and result["index_lists"] == 100
+    assert result["index_build_settings"]["maintenance_work_mem"] == "1GB"
+    assert result["rss_per_batch"]["batches"] == 4
+    assert result["rss_per_batch"]["peak_mib"] <= result["peak_rss_mib"] + 1
+    for line in ("Bare encoding:", "Write, unnest:", "Write, executemany:", "End-to-end backfill:", "Index build:",
+                 "RSS per batch:"):
+        assert line in done.stderr
+    with connect() as conn:  # on a DATABASE_URL server the bench leaves nothing behind
+        tables = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'bge_bench_%'").fetchall()
+        functions = conn.execute("SELECT proname FROM pg_proc WHERE proname LIKE 'bge_bench_%'").fetchall()
+        models = conn.execute("SELECT count(*) FROM bge_pipeline_models WHERE table_name LIKE 'bge_bench_%'").fetchone()
+    assert tables == [] and functions == [] and models[0] == 0
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_exported_backends_give_the_torch_vectors(minilm_path: str, backend: str) -> None:
+    pytest.importorskip("onnxruntime" if backend == "onnx" else "openvino")
+    reference = Encoder.load(minilm_path, 384, "cpu", 4, "torch").encode(TEXTS)
+    encoder = Encoder.load(minilm_path, 384, "cpu", 4, backend)
+    assert encoder.backend == backend
+    vectors = encoder.encode(TEXTS)
+    cosines = np.sum(vectors * reference, axis=1)
+    assert vectors.dtype == np.float32 and vectors.shape == (len(TEXTS), 384)
+    assert np.all(cosines >= 0.999), cosines
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert (Path(minilm_path) / "onnx" / "model.onnx").is_file() or backend == "openvino"
+
+
+def test_onnx_backend_falls_back_to_torch_without_onnxruntime(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    with caplog.at_level(logging.WARNING, logger="bge_pipeline.encoder"):
+        assert resolve_backend("onnx", "cpu") == "torch"
+        assert resolve_backend("auto", "cpu") == "torch"
+    assert "onnxruntime is not installed: falling back to torch" in caplog.text
+    assert resolve_backend("onnx", "cuda") == "torch"  # torch fp16 is the GPU path
+
+
+def test_shape_model_has_bge_smalls_dimensions_and_parameter_count(tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from bge_pipeline.shape_model import build_shape_model, resolve_model, shape_spec
+
+    folder = build_shape_model(tmp_path / "shape")
+    assert build_shape_model(tmp_path / "shape") == folder  # built once, then reused
+    model = SentenceTransformer(str(folder), device="cpu")
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 33_000_000 <= parameters <= 33_800_000  # bge-small-en-v1.5: about 33.4 million
+    assert model.get_embedding_dimension() == 384 == shape_spec()["embedding_dimension"]
+    assert model.max_seq_length == 512
+    vectors = model.encode(["pooling takes the CLS token", ""], normalize_embeddings=True)
+    assert vectors.shape == (2, 384)
+    assert resolve_model("some/other-model") == "some/other-model"
+
+
+class _FakeCudaModel:
+    """Stands in for a model on a GPU: a real CUDA out-of-memory cannot be caused on a CPU-only machine, so this
+    raises torch's own OOM message for batches above `limit`, the way sentence-transformers surfaces it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.batch_sizes: list[int] = []
+
+    def encode(self, texts: list[str], batch_size: int, **_: Any) -> np.ndarray:
+        self.batch_sizes.append(len(texts))
+        if len(texts) > self.limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)")
+        vectors = np.ones((len(texts), 4), dtype=np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)  # nothing to free without a GPU
+    fake = _FakeCudaModel(limit=20)
+    encoder = Encoder(fake, "fake", "cuda", batch_size=64, dimensions=4)
+    vectors = encoder.encode([f"text {i}" for i in range(100)])
+    assert vectors.shape == (100, 4) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0)
+    assert fake.batch_sizes[:3] == [64, 32, 16] and max(fake.batch_sizes[3:]) <= 16
+    assert encoder.batch_size == 16  # later calls start at the size that fitted
+
+
+@pytest.mark.cuda
+def test_real_cuda_out_of_memory_halves_the_batch(minilm_path: str) -> None:
+    import torch
+
+    encoder = Encoder.load(minilm_path, 384, "cuda", 4096)
+    free_bytes, _total = torch.cuda.mem_get_info()
+    # Hold all but ~1.5 GiB so that a 4096 x 512-token batch cannot fit but small batches can.
+    ballast = torch.empty(max(free_bytes - 1536 * 2**20, 0), dtype=torch.uint8, device="cuda")
+    try:
+        vectors = encoder.encode([" ".join(["union"] * 600)] * 4096)
+    finally:
+        del ballast
+        torch.cuda.empty_cache()
+    assert vectors.shape == (4096, 384)
+    assert encoder.batch_size < 4096
