@@ -83,15 +83,7 @@ def read_table_state(
     staging_column: str,
 ) -> TableState:
     """Read the table from the catalog; refuse (naming the setting) a table or column that does not exist."""
-    rows = conn.execute(sql.TABLE_COLUMNS, (schema, name)).fetchall()
-    if not rows:
-        raise MigrationError(
-            f"EMBEDDING_TABLE={name!r}: no such table in schema {schema!r} (EMBEDDING_SCHEMA) of this database"
-        )
-    columns = {row[0]: Column(row[0], row[1], row[2], row[3]) for row in rows}
-    for setting, column in (("EMBEDDING_ID_COLUMN", id_column), ("EMBEDDING_TEXT_COLUMN", text_column)):
-        if column not in columns:
-            raise MigrationError(f"{setting}={column!r}: table {schema}.{name} has no such column")
+    columns = require_table(conn, schema, name, id_column, text_column)
     table = Table(
         schema=schema,
         name=name,
@@ -109,6 +101,21 @@ def read_table_state(
         for row in conn.execute(sql.TABLE_INDEXES, (schema, name)).fetchall()
     ]
     return TableState(table=table, columns=columns, models=models, indexes=indexes)
+
+
+def require_table(conn: psycopg.Connection, schema: str, name: str, id_column: str, text_column: str) -> dict[str, Column]:
+    """The table's columns from the catalog alone (it needs no table of the pipeline's): a missing table or column
+    is refused before anything is created."""
+    rows = conn.execute(sql.TABLE_COLUMNS, (schema, name)).fetchall()
+    if not rows:
+        raise MigrationError(
+            f"EMBEDDING_TABLE={name!r}: no such table in schema {schema!r} (EMBEDDING_SCHEMA) of this database"
+        )
+    columns = {row[0]: Column(row[0], row[1], row[2], row[3]) for row in rows}
+    for setting, column in (("EMBEDDING_ID_COLUMN", id_column), ("EMBEDDING_TEXT_COLUMN", text_column)):
+        if column not in columns:
+            raise MigrationError(f"{setting}={column!r}: table {schema}.{name} has no such column")
+    return columns
 
 
 def writable_column(state: TableState, model: str, dimensions: int) -> Optional[str]:

@@ -19,6 +19,7 @@ from bge_pipeline.catalog import (
     RecordedModel,
     TableState,
     read_table_state,
+    require_table,
     unfinished_migrations,
     writable_column,
 )
@@ -95,6 +96,8 @@ def prepare_staging_column(db: DatabaseResource, migration: MigrationResource, e
 
     Unlike the guide, the old index keeps serving searches on the old column until the swap.
     """
+    with db.connect() as conn:  # a missing table or column is refused before the extension or state table is made
+        require_table(conn, migration.schema_name, migration.table, migration.id_column, migration.text_column)
     db.ensure_pgvector()
     if encoder.dimensions != migration.dimensions:  # Encoder.load already refused a mismatched model
         raise MigrationError(f"EMBEDDING_DIMENSIONS={migration.dimensions} but the encoder has {encoder.dimensions}")
