@@ -13,7 +13,7 @@ import dagster as dg
 import psycopg
 
 from bge_pipeline import sql
-from bge_pipeline.backfill import Backfill, BackfillStats
+from bge_pipeline.backfill import Backfill, BackfillStats, Batch
 from bge_pipeline.catalog import (
     MigrationError,
     RecordedModel,
@@ -279,6 +279,10 @@ def swap_columns(
                 conn.rollback()
                 log.info(f"{pending} rows arrived without a vector before the lock (attempt {attempt}): embedding them")
                 continue
+            if pending and pending <= migration.batch_rows:
+                # Writers keep adding rows between catch-up and lock: embed the last few under the lock.
+                topped_up += _embed_under_lock(conn, migration, table, encoder)
+                pending = conn.execute(sql.count_pending(table, table.staging_column)).fetchone()[0]
             _refuse_unless_swappable(conn, migration, pending)
             _promote(conn, table, table.staging_column, RecordedModel(migration.model, migration.dimensions), True)
         return SwapResult(
@@ -290,6 +294,15 @@ def swap_columns(
             old.vector_dimensions if old else None,
         )
     raise AssertionError("unreachable: the last attempt swaps or refuses")
+
+
+def _embed_under_lock(conn: psycopg.Connection, migration: MigrationResource, table: Table, encoder: Encoder) -> int:
+    buckets = list(range(migration.partitions))
+    statement = sql.select_pending_batch(table, table.staging_column, migration.partitions, buckets, after=False)
+    rows = conn.execute(statement, {"scope": buckets, "limit": migration.batch_rows}).fetchall()
+    batch = Batch(0, [row[0] for row in rows], [row[1] for row in rows])
+    params = {"ids": batch.ids, "vectors": list(encoder.encode(batch.texts)), "hashes": batch.hashes}
+    return conn.execute(sql.write_batch(table, table.staging_column), params).rowcount
 
 
 def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationResource, pending: int) -> None:
