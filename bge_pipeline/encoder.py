@@ -132,13 +132,17 @@ def resolve_backend(requested: str, device: str) -> str:
 
 def onnx_export_path(source: str) -> Path:
     """`<model dir>/onnx/model.onnx` when the model folder is writable, else a folder under the cache."""
-    from bge_pipeline.shape_model import default_cache_dir
-
     local = Path(source)
     if local.is_dir():
         candidate = local / ONNX_DIR
         if (candidate / ONNX_FILE).is_file() or os.access(candidate if candidate.is_dir() else local, os.W_OK):
             return candidate / ONNX_FILE
+    return _cached_export_path(source)
+
+
+def _cached_export_path(source: str) -> Path:
+    from bge_pipeline.shape_model import default_cache_dir
+
     digest = hashlib.sha1(str(source).encode()).hexdigest()[:16]
     return default_cache_dir() / "onnx" / f"{Path(source).name}-{digest}" / ONNX_FILE
 
@@ -178,10 +182,7 @@ def export_onnx(loaded: Any, source: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only model folder that os.access() did not catch (root on a read-only mount)
-        from bge_pipeline.shape_model import default_cache_dir
-
-        digest = hashlib.sha1(str(source).encode()).hexdigest()[:16]
-        path = default_cache_dir() / "onnx" / f"{Path(source).name}-{digest}" / ONNX_FILE
+        path = _cached_export_path(source)
         marker = path.parent / EXPORT_MARKER
         path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
