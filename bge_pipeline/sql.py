@@ -13,7 +13,6 @@ from psycopg import sql
 
 STATE_TABLE = "bge_pipeline_models"
 INDEX_OPCLASS = "vector_cosine_ops"  # matches `<=>`, the operator every query here uses
-DISTANCE_OPERATOR = "<=>"
 INTEGER_TYPES = ("smallint", "integer", "bigint")
 
 
@@ -272,7 +271,6 @@ def write_batch(table: Table, column: str) -> sql.Composed:
 ADVISORY_LOCK = sql.SQL("SELECT pg_advisory_lock(hashtext(%s), %s)")
 ADVISORY_TRY_LOCK = sql.SQL("SELECT pg_try_advisory_lock(hashtext(%s), %s)")
 ADVISORY_UNLOCK = sql.SQL("SELECT pg_advisory_unlock(hashtext(%s), %s)")
-ADVISORY_XACT_LOCK = sql.SQL("SELECT pg_advisory_xact_lock(hashtext(%s), %s)")
 
 # --- checks ---------------------------------------------------------------------------------------------
 
