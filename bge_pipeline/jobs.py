@@ -7,7 +7,6 @@ import dagster as dg
 from bge_pipeline import migration as phases
 from bge_pipeline import sql
 from bge_pipeline.assets.backfill import embeddings
-from bge_pipeline.catalog import MigrationError
 from bge_pipeline.database import DatabaseResource
 from bge_pipeline.migration import MigrationResource, RollbackPlan
 from bge_pipeline.settings import current_settings
@@ -128,14 +127,3 @@ def rollback_staging_column() -> None:
 def restore_old_embeddings_job() -> None:
     restore_old_embeddings()
 
-
-__all__ = [
-    "MigrationError",
-    "migration_job",
-    "pending_rows_sensor",
-    "reembed_job",
-    "reembed_schedule",
-    "restore_old_embeddings_job",
-    "rollback_staging_column",
-    "rollback_staging_vectors",
-]
