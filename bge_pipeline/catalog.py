@@ -36,6 +36,10 @@ class Index:
     valid: bool
     options: tuple[str, ...]
 
+    def serves(self, column: str) -> bool:
+        """Valid IVFFLAT on `column` with the operator class of `<=>`: an index the project's queries can use."""
+        return self.valid and self.method == "ivfflat" and self.opclass == sql.INDEX_OPCLASS and self.column == column
+
     @property
     def lists(self) -> Optional[int]:
         for option in self.options:

@@ -87,7 +87,7 @@ def embedding_index_usable(database: DatabaseResource, migration: MigrationResou
     name = state.table.index_name(column)
     index = state.index(name)
     return dg.AssetCheckResult(
-        passed=bool(index and index.valid and index.method == "ivfflat" and index.opclass == sql.INDEX_OPCLASS),
+        passed=bool(index and index.serves(column)),
         metadata={
             "index": dg.MetadataValue.text(name),
             "exists": dg.MetadataValue.bool(index is not None),

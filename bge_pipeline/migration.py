@@ -185,7 +185,7 @@ def ensure_index(
     name = table.index_name(column)
     lists = ivfflat_lists(rows, lists_override)
     existing = state.index(name)
-    if existing and _index_usable(existing, column) and lists_override in (None, existing.lists):
+    if existing and existing.serves(column) and lists_override in (None, existing.lists):
         return IndexResult(column, name, existing.lists or lists, rows, built=False, seconds=0.0)
     started = time.perf_counter()
     with db.connect(autocommit=True) as conn:
@@ -199,10 +199,6 @@ def ensure_index(
             conn.execute(sql.create_ivfflat_index(table, column, name, lists))
         conn.execute(sql.analyze(table))
     return IndexResult(column, name, lists, rows, built=True, seconds=time.perf_counter() - started)
-
-
-def _index_usable(index: Any, column: str) -> bool:
-    return index.valid and index.method == "ivfflat" and index.opclass == sql.INDEX_OPCLASS and index.column == column
 
 
 class _IndexProgress(threading.Thread):

@@ -101,7 +101,7 @@ def search_target(conn: psycopg.Connection, migration: MigrationResource) -> Sea
     table = state.table
     name = table.index_name(column)
     index = state.index(name)
-    usable = index is not None and index.valid and index.method == "ivfflat"
+    usable = index is not None and index.serves(column)
     estimated = conn.execute(sql.ESTIMATED_ROWS, (table.schema, table.name)).fetchone()
     rows = int(estimated[0]) if estimated and estimated[0] is not None else -1
     if rows < 0:  # never analysed: count once rather than guess
