@@ -47,6 +47,13 @@ class Batch:
         return f"batch {self.number} (ids {self.ids[0]}..{self.ids[-1]}, {len(self.ids)} rows)"
 
 
+def write_vectors(conn: psycopg.Connection, table: Table, column: str, batch: Batch, vectors: Sequence[np.ndarray]) -> int:
+    """Write one batch's vectors in one statement; returns the rows written (a row whose text changed is not)."""
+    conn.execute(sql.WRITE_BY_ID)
+    params = {"ids": batch.ids, "vectors": list(vectors), "hashes": batch.hashes}
+    return conn.execute(sql.write_batch(table, column), params).rowcount
+
+
 @dataclass
 class BackfillStats:
     """What one backfill did, in the units a user asks about."""
@@ -148,13 +155,11 @@ class Backfill:
         return Batch(number, [row[0] for row in rows], [row[1] for row in rows])
 
     def _write(self, batch: Batch, vectors: np.ndarray, encode_seconds: float) -> "_Written":
-        statement = sql.write_batch(self.table, self.column)
-        params = {"ids": batch.ids, "vectors": list(vectors), "hashes": batch.hashes}
         started = time.perf_counter()
 
         def write() -> int:
             with self.db.connect() as conn:
-                return conn.execute(statement, params).rowcount
+                return write_vectors(conn, self.table, self.column, batch, vectors)
 
         rows = self._retrying(f"writing {batch.label}", write)
         return _Written(batch, rows, time.perf_counter() - started, encode_seconds)

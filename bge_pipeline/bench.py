@@ -521,34 +521,28 @@ def _measure_write(
     db: Any, table: Any, column: str, ids: list[Any], texts: list[str], vectors: np.ndarray, batch_rows: int, how: str
 ) -> float:
     """Rows/s writing `vectors` into an all-NULL `column`, one transaction per batch, as the backfill does."""
-    import hashlib
-
     from psycopg import sql as psql
 
-    from bge_pipeline import sql
+    from bge_pipeline.backfill import Batch, write_vectors
 
     _reset_column(db, table, column)
-    hashes = [hashlib.md5(text.encode("utf-8")).hexdigest() for text in texts]
     per_row = psql.SQL(
         "UPDATE {t} SET {c} = %s WHERE {id} = %s AND {c} IS NULL AND md5({text}) = %s"
     ).format(t=table.ident, c=psql.Identifier(column), id=table.id, text=table.text)
-    statement = sql.write_batch(table, column)
     written = 0
     started = time.perf_counter()
     for start in range(0, len(ids), batch_rows):
-        end = start + batch_rows
+        batch = Batch(start // batch_rows, ids[start : start + batch_rows], texts[start : start + batch_rows])
         with db.connect() as conn:
             if how == "unnest":
-                written += conn.execute(
-                    statement, {"ids": ids[start:end], "vectors": list(vectors[start:end]), "hashes": hashes[start:end]}
-                ).rowcount
+                written += write_vectors(conn, table, column, batch, vectors[start : start + batch_rows])
             else:
                 with conn.cursor() as cursor:
-                    cursor.executemany(per_row, list(zip(vectors[start:end], ids[start:end], hashes[start:end])))
-                written += end - start if end <= len(ids) else len(ids) - start
+                    cursor.executemany(per_row, list(zip(vectors[start : start + batch_rows], batch.ids, batch.hashes)))
+                written += cursor.rowcount
     seconds = time.perf_counter() - started
-    if how == "unnest" and written != len(ids):
-        raise RuntimeError(f"the unnest write updated {written} of {len(ids)} rows")
+    if written != len(ids):
+        raise RuntimeError(f"the {how} write updated {written} of {len(ids)} rows")
     return len(ids) / seconds
 
 

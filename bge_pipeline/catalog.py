@@ -35,6 +35,7 @@ class Index:
     opclass: str
     valid: bool
     options: tuple[str, ...]
+    unique: bool = False  # a unique index on this one column alone, not partial
 
     def serves(self, column: str) -> bool:
         """Valid IVFFLAT on `column` with the operator class of `<=>`: an index the project's queries can use."""
@@ -101,15 +102,15 @@ def read_table_state(
         row[0]: RecordedModel(row[1], row[2]) for row in conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall()
     }
     indexes = [
-        Index(row[0], row[1], row[2], row[3], row[4], tuple(row[5]))
+        Index(row[0], row[1], row[2], row[3], row[4], tuple(row[5]), row[6])
         for row in conn.execute(sql.TABLE_INDEXES, (schema, name)).fetchall()
     ]
     return TableState(table=table, columns=columns, models=models, indexes=indexes)
 
 
 def require_table(conn: psycopg.Connection, schema: str, name: str, id_column: str, text_column: str) -> dict[str, Column]:
-    """The table's columns from the catalog alone (it needs no table of the pipeline's): a missing table or column
-    is refused before anything is created."""
+    """The table's columns from the catalog alone (it needs no table of the pipeline's): a missing table or column,
+    or an id without a unique index, is refused before anything is created."""
     rows = conn.execute(sql.TABLE_COLUMNS, (schema, name)).fetchall()
     if not rows:
         raise MigrationError(
@@ -119,6 +120,13 @@ def require_table(conn: psycopg.Connection, schema: str, name: str, id_column: s
     for setting, column in (("EMBEDDING_ID_COLUMN", id_column), ("EMBEDDING_TEXT_COLUMN", text_column)):
         if column not in columns:
             raise MigrationError(f"{setting}={column!r}: table {schema}.{name} has no such column")
+    indexes = conn.execute(sql.TABLE_INDEXES, (schema, name)).fetchall()
+    if not any(column == id_column and valid and unique for _, column, _, _, valid, _, unique in indexes):
+        # The backfill pages through rows by id and writes each batch by id lookups (sql.WRITE_BY_ID).
+        raise MigrationError(
+            f"EMBEDDING_ID_COLUMN={id_column!r}: table {schema}.{name} has no unique index on it "
+            f"(add one: ALTER TABLE {schema}.{name} ADD PRIMARY KEY ({id_column}))"
+        )
     return columns
 
 

@@ -13,7 +13,7 @@ import dagster as dg
 import psycopg
 
 from bge_pipeline import sql
-from bge_pipeline.backfill import Backfill, BackfillStats, Batch
+from bge_pipeline.backfill import Backfill, BackfillStats, Batch, write_vectors
 from bge_pipeline.catalog import (
     MigrationError,
     RecordedModel,
@@ -297,8 +297,7 @@ def _embed_under_lock(conn: psycopg.Connection, migration: MigrationResource, ta
     statement = sql.select_pending_batch(table, table.staging_column, migration.partitions, buckets, after=False)
     rows = conn.execute(statement, {"scope": buckets, "limit": migration.batch_rows}).fetchall()
     batch = Batch(0, [row[0] for row in rows], [row[1] for row in rows])
-    params = {"ids": batch.ids, "vectors": list(encoder.encode(batch.texts)), "hashes": batch.hashes}
-    return conn.execute(sql.write_batch(table, table.staging_column), params).rowcount
+    return write_vectors(conn, table, table.staging_column, batch, encoder.encode(batch.texts))
 
 
 def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationResource, pending: int) -> None:

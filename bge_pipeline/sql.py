@@ -124,7 +124,8 @@ TABLE_COLUMNS = sql.SQL(
 
 TABLE_INDEXES = sql.SQL(
     """
-    SELECT ic.relname, a.attname, am.amname, opc.opcname, ix.indisvalid, coalesce(ic.reloptions, '{}')
+    SELECT ic.relname, a.attname, am.amname, opc.opcname, ix.indisvalid, coalesce(ic.reloptions, '{}'),
+           ix.indisunique AND ix.indnkeyatts = 1 AND ix.indpred IS NULL
     FROM pg_index ix
     JOIN pg_class ic ON ic.oid = ix.indexrelid
     JOIN pg_am am ON am.oid = ic.relam
@@ -267,6 +268,12 @@ def write_batch(table: Table, column: str) -> sql.Composed:
         id_type=sql.SQL(table.id_type),
     )
 
+
+# For the rest of the write's transaction: look each row up by its id. Left to itself the planner hash-joins the
+# batch against a sequential scan of the whole table, computing md5 of every row's text for every batch (measured:
+# 17k rows/s against 32k on 10,000 rows, and quadratic in the table's size). read_table_state ensures the id has
+# a unique index to look rows up by.
+WRITE_BY_ID = sql.SQL("SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)")
 
 ADVISORY_LOCK = sql.SQL("SELECT pg_advisory_lock(hashtext(%s), %s)")
 ADVISORY_TRY_LOCK = sql.SQL("SELECT pg_try_advisory_lock(hashtext(%s), %s)")

@@ -214,6 +214,31 @@ def test_refusals_leave_the_database_unchanged(
     print("\n".join(messages))
 
 
+def test_an_id_without_a_unique_index_is_refused_until_it_has_one(
+    database_url: str, connect: Callable[[], psycopg.Connection], minilm_path: str
+) -> None:
+    """Without a unique id the backfill could neither page through rows nor write them by id lookups: refused
+    in one line, database unchanged, whatever non-unique or partial index the id has; a primary key fixes it."""
+    with connect() as conn:
+        make_table(conn, {i: f"text {i}" for i in range(1, 11)})
+        conn.execute("ALTER TABLE segments DROP CONSTRAINT segments_pkey")
+        conn.execute("CREATE INDEX segments_id_plain ON segments (id)")
+        conn.execute("CREATE UNIQUE INDEX segments_id_partial ON segments (id) WHERE id > 5")
+        conn.execute("CREATE UNIQUE INDEX segments_id_text ON segments (id, text)")
+        before = snapshot(conn)
+    settings = settings_for(plain(database_url), minilm_path)
+    with pytest.raises(MigrationError) as refusal:
+        migrate(settings)
+    assert_one_line(refusal.value, "EMBEDDING_ID_COLUMN='id'", "no unique index", "ADD PRIMARY KEY (id)")
+    with connect() as conn:
+        assert snapshot(conn) == before
+        conn.execute("ALTER TABLE segments ADD PRIMARY KEY (id)")
+    migrate(settings)
+    with connect() as conn:
+        assert column_types(conn, "segments")["embedding"] == f"vector({DIMENSIONS})"
+        assert conn.execute("SELECT count(*) FROM segments WHERE embedding IS NULL").fetchone()[0] == 0
+
+
 WEIRD_TABLE = 'weird "name"; --'
 WEIRD_ID = 'i"d; --'
 WEIRD_TEXT = "te'xt; DROP TABLE segments; --"
