@@ -539,7 +539,7 @@ def _measure_write(
             else:
                 with conn.cursor() as cursor:
                     cursor.executemany(per_row, list(zip(vectors[start : start + batch_rows], batch.ids, batch.hashes)))
-                written += cursor.rowcount
+                written += len(batch.ids)  # executemany reports no row count
     seconds = time.perf_counter() - started
     if written != len(ids):
         raise RuntimeError(f"the {how} write updated {written} of {len(ids)} rows")

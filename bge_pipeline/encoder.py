@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import threading
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +11,8 @@ from typing import Any, Optional
 
 import dagster as dg
 import numpy as np
+
+from bge_pipeline.runtimes import RuntimeUnavailable, attach_runtime, resolve_backend
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int], None]
@@ -45,8 +42,9 @@ def resolve_device(requested: str) -> str:
 
 
 def default_batch_size(device: str) -> int:
-    """The guide's tuning table: 256 on a GPU, 64 on a CPU."""
-    return 256 if device.startswith("cuda") else 64
+    """256 on a GPU, as the guide's tuning table says; 16 on a CPU, not its 64: on SOTU segments, 16 encodes
+    15-25% faster than 32 and 64 with every CPU runtime measured (docs/performance.md)."""
+    return 256 if device.startswith("cuda") else 16
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -62,11 +60,11 @@ def _model_source(setting: str, model: str) -> str:
     return model
 
 
-def load_sentence_transformer(model: str, device: str, backend: str = "torch") -> Any:
+def load_sentence_transformer(model: str, device: str, backend: str = "auto") -> Any:
     """Load a sentence-transformers model from a local directory or the Hugging Face cache.
 
-    `backend` "onnx" or "openvino" keeps sentence-transformers' tokenizer, pooling and normalisation and runs
-    only the transformer through an ONNX graph exported once from the torch weights (see `attach_runtime`);
+    `backend` "onnx", "onnx-int8" or "openvino" keeps sentence-transformers' tokenizer, pooling and normalisation
+    and runs only the transformer through an ONNX graph exported once from the torch weights (bge_pipeline.runtimes);
     "auto" is onnx on a CPU when onnxruntime is installed, torch otherwise.
     """
     from sentence_transformers import SentenceTransformer
@@ -81,197 +79,15 @@ def load_sentence_transformer(model: str, device: str, backend: str = "torch") -
         ) from error
     runtime = resolve_backend(backend, device)
     if runtime != "torch":
-        attach_runtime(loaded, source, runtime)
+        try:
+            runtime = attach_runtime(loaded, source, runtime)
+        except RuntimeUnavailable as error:
+            log.warning(f"{error}: using torch")
+            runtime = "torch"
     loaded.bge_pipeline_backend = runtime  # what actually runs, after any fallback
     if device.startswith("cuda") and runtime == "torch":
         loaded.half()  # fp16 on GPU: twice the throughput, cosine agreement with fp32 above 0.999
     return loaded
-
-
-# --- the ONNX and OpenVINO backends -----------------------------------------------------------------------
-#
-# sentence-transformers' own backend="onnx" needs optimum-onnx, which pins transformers<4.58 and would downgrade
-# transformers 5 and sentence-transformers 6 (shared/ENVIRONMENT.md); its openvino extra pulls a CUDA torch.
-# So the transformer is exported here with torch.onnx (needs only `onnx`) and run with onnxruntime or OpenVINO,
-# both of which install without touching torch or transformers.
-
-ONNX_DIR = "onnx"
-ONNX_FILE = "model.onnx"
-EXPORT_MARKER = "bge_pipeline_export.json"
-ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _runtime_installed(backend: str) -> bool:
-    import importlib.util
-
-    module = {"onnx": "onnxruntime", "openvino": "openvino"}[backend]
-    return importlib.util.find_spec(module) is not None and importlib.util.find_spec("onnx") is not None
-
-
-def resolve_backend(requested: str, device: str) -> str:
-    """The backend that will run: onnx/openvino only on a CPU with the runtime installed, else torch (logged)."""
-    if requested == "torch":
-        return "torch"
-    if requested == "auto":
-        # Measured on this project's 2-core CPU machines: see docs/performance.md. On a GPU, torch fp16 wins.
-        return "onnx" if not device.startswith("cuda") and _runtime_installed("onnx") else "torch"
-    if requested not in ("onnx", "openvino"):
-        raise ModelLoadError(f"EMBEDDING_BACKEND={requested!r} is not one of torch, onnx, openvino, auto")
-    if device.startswith("cuda"):
-        log.warning(f"EMBEDDING_BACKEND={requested} runs on the CPU only here: using torch (fp16) on {device}")
-        return "torch"
-    if not _runtime_installed(requested):
-        package = "onnxruntime onnx" if requested == "onnx" else "openvino onnx"
-        log.warning(
-            f"EMBEDDING_BACKEND={requested} but {package.split()[0]} is not installed: falling back to torch "
-            f"(pip install {package}, or pip install 'bge-pipeline[onnx]')"
-        )
-        return "torch"
-    return requested
-
-
-def onnx_export_path(source: str) -> Path:
-    """`<model dir>/onnx/model.onnx` when the model folder is writable, else a folder under the cache."""
-    local = Path(source)
-    if local.is_dir():
-        candidate = local / ONNX_DIR
-        if (candidate / ONNX_FILE).is_file() or os.access(candidate if candidate.is_dir() else local, os.W_OK):
-            return candidate / ONNX_FILE
-    return _cached_export_path(source)
-
-
-def _cached_export_path(source: str) -> Path:
-    from bge_pipeline.shape_model import default_cache_dir
-
-    digest = hashlib.sha1(str(source).encode()).hexdigest()[:16]
-    return default_cache_dir() / "onnx" / f"{Path(source).name}-{digest}" / ONNX_FILE
-
-
-def _weights_signature(transformer: Any) -> dict[str, Any]:
-    """What the export was made from: a changed checkpoint (same folder, new weights) triggers a new export."""
-    folder = Path(getattr(transformer.model, "name_or_path", "") or "")
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
-    return {
-        "files": {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in files},
-        "torch": _torch_version(),
-    }
-
-
-def _torch_version() -> str:
-    import torch
-
-    return str(torch.__version__)
-
-
-def export_onnx(loaded: Any, source: str) -> Path:
-    """Export the model's transformer to ONNX once; later loads reuse the file next to the model (or in the cache)."""
-    import torch
-
-    transformer = loaded[0]
-    path = onnx_export_path(source)
-    marker = path.parent / EXPORT_MARKER
-    signature = _weights_signature(transformer)
-    if path.is_file():
-        if not marker.is_file():
-            return path  # shipped with the model (e.g. by optimum): same inputs and output, use it as is
-        try:
-            if json.loads(marker.read_text()) == signature:
-                return path
-        except (OSError, ValueError):
-            pass
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only model folder that os.access() did not catch (root on a read-only mount)
-        path = _cached_export_path(source)
-        marker = path.parent / EXPORT_MARKER
-        path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    bert = transformer.model
-
-    class _LastHiddenState(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            return self.inner(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-
-    sample = transformer.tokenizer(["an export probe", "a second, longer export probe text"], padding=True, return_tensors="pt")
-    args = tuple(sample.get(name, torch.zeros_like(sample["input_ids"])).to("cpu") for name in ONNX_INPUTS)
-    dynamic = {name: {0: "batch", 1: "sequence"} for name in (*ONNX_INPUTS, "last_hidden_state")}
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    was_training = bert.training
-    bert.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            # dynamo=False: the TorchScript exporter needs no onnxscript and exports BERT with dynamic axes.
-            torch.onnx.export(
-                _LastHiddenState(bert),
-                args,
-                str(partial),
-                input_names=list(ONNX_INPUTS),
-                output_names=["last_hidden_state"],
-                dynamic_axes=dynamic,
-                opset_version=17,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-        os.replace(partial, path)  # atomic: a concurrent loader sees the old file or the whole new one
-        marker.write_text(json.dumps(signature))
-    finally:
-        bert.train(was_training)
-        partial.unlink(missing_ok=True)
-    log.info(f"Exported {source} to ONNX in {time.perf_counter() - started:.1f}s: {path}")
-    return path
-
-
-def attach_runtime(loaded: Any, source: str, backend: str) -> None:
-    """Run `loaded`'s transformer through onnxruntime or OpenVINO; tokenising, pooling and normalising stay ST's."""
-    import torch
-
-    transformer = loaded[0]
-    path = export_onnx(loaded, source)
-    if backend == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = {i.name for i in session.get_inputs()}
-
-        def infer(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            return session.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in names})[0]
-
-    else:
-        import openvino as ov
-
-        # f32: OpenVINO's CPU plugin otherwise runs in bf16/f16 where the CPU has it, which moves the vectors.
-        compiled = ov.Core().compile_model(
-            str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        )
-        names = {name for port in compiled.inputs for name in port.get_names()}
-        output = compiled.output(0)
-
-        def infer(feeds: dict[str, np.ndarray]) -> np.ndarray:
-            return compiled({k: v for k, v in feeds.items() if k in names})[output]
-
-    def forward(input_ids: Any = None, attention_mask: Any = None, token_type_ids: Any = None, **_: Any) -> dict:
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        feeds = {
-            "input_ids": input_ids.cpu().numpy().astype(np.int64, copy=False),
-            "attention_mask": attention_mask.cpu().numpy().astype(np.int64, copy=False),
-            "token_type_ids": token_type_ids.cpu().numpy().astype(np.int64, copy=False),
-        }
-        return {"last_hidden_state": torch.from_numpy(np.ascontiguousarray(infer(feeds)))}
-
-    # sentence-transformers' Transformer module calls `self.model.forward(**features)` and reads
-    # `last_hidden_state`; an instance attribute shadows BertModel.forward, so only the transformer changes.
-    transformer.model.forward = forward
-    log.info(f"EMBEDDING_BACKEND={backend}: running the transformer from {path}")
 
 
 def load_cross_encoder(model: str, device: str) -> Any:
@@ -300,7 +116,7 @@ class Encoder:
     """A loaded sentence-transformers model that returns L2-normalised float32 vectors."""
 
     def __init__(
-        self, model: Any, name: str, device: str, batch_size: int, dimensions: int, backend: str = "torch"
+        self, model: Any, name: str, device: str, batch_size: int, dimensions: int, backend: str = "auto"
     ) -> None:
         self.model = model
         self.backend = backend
@@ -317,7 +133,7 @@ class Encoder:
         dimensions: int,
         device: str = "auto",
         batch_size: Optional[int] = None,
-        backend: str = "torch",
+        backend: str = "auto",
     ) -> "Encoder":
         """Load the model and refuse it, before anything is written, if its dimension is not `dimensions`."""
         resolved = resolve_device(device)
@@ -418,7 +234,7 @@ class EncoderResource(dg.ConfigurableResource):
     dimensions: int
     device: str = "auto"
     batch_size: Optional[int] = None
-    backend: str = "torch"
+    backend: str = "auto"
     query_prefix: str = ""
 
     def get(self) -> Encoder:
@@ -452,7 +268,7 @@ def _cached_reranker(*key: Any) -> Reranker:
 
 
 def shared_encoder(
-    model: str, dimensions: int, device: str = "auto", batch_size: Optional[int] = None, backend: str = "torch"
+    model: str, dimensions: int, device: str = "auto", batch_size: Optional[int] = None, backend: str = "auto"
 ) -> Encoder:
     """The process's encoder for this configuration, loaded on first use."""
     with _load_lock:

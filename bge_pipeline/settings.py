@@ -15,7 +15,7 @@ BGE_QUERY_PREFIX = "Represent this sentence for searching relevant passages: "
 DEFAULT_MODEL = "BAAI/bge-small-en-v1.5"
 DEFAULT_RERANKER = "BAAI/bge-reranker-base"
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("torch", "onnx", "openvino")
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "openvino")
 MAX_IDENTIFIER_BYTES = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are silently truncated
 
 
@@ -62,7 +62,7 @@ class Settings:
     embedding_dimensions: int = 384
     embedding_device: str = "auto"
     embedding_batch_size: Optional[int] = None
-    embedding_backend: str = "torch"
+    embedding_backend: str = "auto"
     embedding_query_prefix: Optional[str] = None
     enable_reranker: bool = False
     reranker_model: str = DEFAULT_RERANKER
