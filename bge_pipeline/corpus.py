@@ -84,6 +84,8 @@ def create_seed_table(
         for segment, vector in zip(segments, vectors):
             copy.write_row((segment.id, segment.source, segment.year, segment.speaker, segment.text, vector))
     if old_index:
+        # 100 lists of 1536-dim centres outgrow the default 64 MB past ~100k rows; for this transaction only.
+        conn.execute("SET LOCAL maintenance_work_mem = '1GB'")
         conn.execute(
             sql.SQL(
                 "CREATE INDEX {i} ON {t} USING ivfflat (embedding vector_l2_ops) WITH (lists = 100)"

@@ -157,7 +157,7 @@ class _Exports:
             return None
         finally:
             partial.unlink(missing_ok=True)
-        self.record["made"].append(file)
+        self.record["made"] = [*(made for made in self.record["made"] if made != file), file]
         self.record["agreement"] = {k: v for k, v in self.record["agreement"].items() if not k.endswith(f":{file}")}
         self._save()
         log.info(f"Made {path} in {time.perf_counter() - started:.1f}s")
@@ -275,7 +275,8 @@ def _export_plain(loaded: Any, out: Path) -> None:
     bert.eval()
     # Eager attention exports as MatMul/Softmax, the pattern onnxruntime's optimizer fuses into one Attention op;
     # the SDPA export is not fused. Same vectors either way.
-    bert.set_attn_implementation("eager")
+    switch = getattr(bert, "set_attn_implementation", lambda _: None)  # transformers >= 4.48
+    switch("eager")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
@@ -292,7 +293,7 @@ def _export_plain(loaded: Any, out: Path) -> None:
                 dynamo=False,
             )
     finally:
-        bert.set_attn_implementation(attention)
+        switch(attention)
         bert.train(was_training)
 
 
