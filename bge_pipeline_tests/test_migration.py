@@ -52,7 +52,7 @@ def test_embeddings_star_migrates_the_guides_table(seed_table, resources, settin
     assert min(cosine) > 0.9999, "each row holds the vector of its own text"
     assert backup_rows == 120, "the old 1536-dim vectors are kept until the user drops the backup"
     embedded = metadata(result, "embeddings")
-    assert embedded["rows_embedded"] == 120 and embedded["device"] == "cpu" and embedded["rows_per_second"] > 0
+    assert embedded["rows_embedded"] == 120 and embedded["device"] == "cpu" and embedded["backend"] == "onnx" and embedded["rows_per_second"] > 0
 
 
 def test_second_run_changes_nothing(seed_table, resources, connect) -> None:

@@ -87,6 +87,7 @@ def backfill_metadata(column: str, stats: BackfillStats, encoder: Encoder) -> di
         "encode_seconds": dg.MetadataValue.float(round(stats.encode_seconds, 3)),
         "write_seconds": dg.MetadataValue.float(round(stats.write_seconds, 3)),
         "device": dg.MetadataValue.text(encoder.device),
+        "backend": dg.MetadataValue.text(encoder.backend),
         "model": dg.MetadataValue.text(encoder.name),
         "batch_size": dg.MetadataValue.int(encoder.batch_size),
     }
