@@ -101,6 +101,13 @@ def read_table_state(
     models = {
         row[0]: RecordedModel(row[1], row[2]) for row in conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall()
     }
+    # A record for a column that now has other dimensions outlived its column (the table was dropped and made
+    # again, or the column retyped): it says nothing about the vectors there now.
+    models = {
+        column: recorded
+        for column, recorded in models.items()
+        if column not in columns or columns[column].vector_dimensions == recorded.dimensions
+    }
     indexes = [
         Index(row[0], row[1], row[2], row[3], row[4], tuple(row[5]), row[6])
         for row in conn.execute(sql.TABLE_INDEXES, (schema, name)).fetchall()

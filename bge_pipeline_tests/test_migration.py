@@ -72,6 +72,22 @@ def test_second_run_changes_nothing(seed_table, resources, connect) -> None:
         assert conn.execute("SELECT 'segments_embedding_ivfflat_idx'::regclass::oid").fetchone() == index_oid
 
 
+def test_a_table_made_again_is_migrated_again(seed_table, resources, connect) -> None:
+    """Dropped and made again with its old 1536-dim column (as `bge-pipeline demo` does on a second run): the
+    record that `embedding` holds the new model's 384-dim vectors outlived that column and must not be believed."""
+    seed_table(rows=40)
+    materialize(resources, "embeddings*")
+    seed_table(rows=40)
+
+    result = materialize(resources, "embeddings*")
+
+    assert all(check_results(result).values())
+    assert metadata(result, "embeddings")["rows_embedded"] == 40
+    with connect() as conn:
+        assert columns(conn)["embedding"] == "vector(384)"
+        assert conn.execute("SELECT count(*) FROM segments WHERE embedding IS NULL").fetchone()[0] == 0
+
+
 def test_a_partition_embeds_only_its_bucket(seed_table, resources, connect) -> None:
     seed_table(rows=80)
     materialize(resources, "staging_embedding_column")
