@@ -106,7 +106,7 @@ def read_table_state(
     models = {
         column: recorded
         for column, recorded in models.items()
-        if column not in columns or columns[column].vector_dimensions == recorded.dimensions
+        if column not in columns or columns[column].vector_dimensions in (None, recorded.dimensions)
     }
     indexes = [
         Index(row[0], row[1], row[2], row[3], row[4], tuple(row[5]), row[6])

@@ -119,6 +119,7 @@ class Writer(threading.Thread):
             number = 0
             while not self.stop_event.is_set():
                 number += 1
+                started = time.time()  # a write held by the swap's lock finishes after it: count it when it began
                 try:
                     if number % 2:
                         key = 9_000_000 + number
@@ -132,7 +133,7 @@ class Writer(threading.Thread):
                         conn.execute("UPDATE segments SET text = %s WHERE id = %s", (text, key))
                         kind = "update"
                     self.expected[key] = text
-                    self.writes.append((time.time(), kind, key))
+                    self.writes.append((started, kind, key))
                 except psycopg.Error as error:
                     self.errors.append(f"{type(error).__name__}: {error}")
                 time.sleep(0.15)  # about 3 inserts and 3 edits a second: slower than the encoder, even here
@@ -159,7 +160,15 @@ def test_writes_during_backfill_and_swap_are_kept_and_embedded(
         backfilled = migrate(settings, selection="embeddings", instance=instance, raise_on_error=False)
         assert [m.asset_key.path[-1] for m in backfilled.get_asset_materialization_events()] == ["embeddings"]
         assert migrate(settings, selection="embedding_index", instance=instance).success
+        with connect() as conn:  # each ALTER TABLE of the swap takes 0.4 s, so writes surely arrive while it runs
+            conn.execute(
+                "CREATE FUNCTION slow_alter() RETURNS event_trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN IF tg_tag = 'ALTER TABLE' THEN PERFORM pg_sleep(0.4); END IF; END $$"
+            )
+            conn.execute("CREATE EVENT TRIGGER slow_alter ON ddl_command_end EXECUTE FUNCTION slow_alter()")
         swapped = migrate(settings, selection="live_embedding_column", instance=instance, raise_on_error=False)
+        with connect() as conn:
+            conn.execute("DROP EVENT TRIGGER slow_alter")
         if not swapped.success:
             # Writes landing between each top-up and the lock, three times running: the swap refuses, naming the
             # count, and loses nothing; the rerun below swaps once the writes stop.
