@@ -35,7 +35,7 @@ class Index:
     opclass: str
     valid: bool
     options: tuple[str, ...]
-    unique: bool = False  # a unique index on this one column alone, not partial
+    unique: bool  # a unique index on this one column alone, not partial
 
     def serves(self, column: str) -> bool:
         """Valid IVFFLAT on `column` with the operator class of `<=>`: an index the project's queries can use."""
@@ -88,7 +88,7 @@ def read_table_state(
     staging_column: str,
 ) -> TableState:
     """Read the table from the catalog; refuse (naming the setting) a table or column that does not exist."""
-    columns = require_table(conn, schema, name, id_column, text_column)
+    columns, indexes = _require_table(conn, schema, name, id_column, text_column)
     table = Table(
         schema=schema,
         name=name,
@@ -98,26 +98,25 @@ def read_table_state(
         staging_column=staging_column,
         id_type=columns[id_column].type,
     )
-    models = {
-        row[0]: RecordedModel(row[1], row[2]) for row in conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall()
-    }
     # A record for a column that now has other dimensions outlived its column (the table was dropped and made
     # again, or the column retyped): it says nothing about the vectors there now.
     models = {
-        column: recorded
-        for column, recorded in models.items()
-        if column not in columns or columns[column].vector_dimensions in (None, recorded.dimensions)
+        column: RecordedModel(model, dimensions)
+        for column, model, dimensions in conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall()
+        if column not in columns or columns[column].vector_dimensions in (None, dimensions)
     }
-    indexes = [
-        Index(row[0], row[1], row[2], row[3], row[4], tuple(row[5]), row[6])
-        for row in conn.execute(sql.TABLE_INDEXES, (schema, name)).fetchall()
-    ]
     return TableState(table=table, columns=columns, models=models, indexes=indexes)
 
 
 def require_table(conn: psycopg.Connection, schema: str, name: str, id_column: str, text_column: str) -> dict[str, Column]:
     """The table's columns from the catalog alone (it needs no table of the pipeline's): a missing table or column,
     or an id without a unique index, is refused before anything is created."""
+    return _require_table(conn, schema, name, id_column, text_column)[0]
+
+
+def _require_table(
+    conn: psycopg.Connection, schema: str, name: str, id_column: str, text_column: str
+) -> tuple[dict[str, Column], list[Index]]:
     rows = conn.execute(sql.TABLE_COLUMNS, (schema, name)).fetchall()
     if not rows:
         raise MigrationError(
@@ -127,14 +126,17 @@ def require_table(conn: psycopg.Connection, schema: str, name: str, id_column: s
     for setting, column in (("EMBEDDING_ID_COLUMN", id_column), ("EMBEDDING_TEXT_COLUMN", text_column)):
         if column not in columns:
             raise MigrationError(f"{setting}={column!r}: table {schema}.{name} has no such column")
-    indexes = conn.execute(sql.TABLE_INDEXES, (schema, name)).fetchall()
-    if not any(column == id_column and valid and unique for _, column, _, _, valid, _, unique in indexes):
+    indexes = [
+        Index(row[0], row[1], row[2], row[3], row[4], tuple(row[5]), row[6])
+        for row in conn.execute(sql.TABLE_INDEXES, (schema, name)).fetchall()
+    ]
+    if not any(index.unique and index.valid and index.column == id_column for index in indexes):
         # The backfill pages through rows by id and writes each batch by id lookups (sql.WRITE_BY_ID).
         raise MigrationError(
             f"EMBEDDING_ID_COLUMN={id_column!r}: table {schema}.{name} has no unique index on it "
             f"(add one: ALTER TABLE {schema}.{name} ADD PRIMARY KEY ({id_column}))"
         )
-    return columns
+    return columns, indexes
 
 
 def writable_column(state: TableState, model: str, dimensions: int) -> Optional[str]:

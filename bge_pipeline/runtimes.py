@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -188,12 +189,14 @@ class _CannotMake(Exception):
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """onnxruntime's optimizer and quantizer log a line per node at INFO, some on the root logger."""
-    logging.disable(logging.INFO)
+    """onnxruntime's optimizer and quantizer log a line per node at INFO, some on the root logger. Nests: making
+    the fused graph makes the plain one first."""
+    before = logging.root.manager.disable
+    logging.disable(max(before, logging.INFO))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 def export_folder(source: str) -> Path:
@@ -215,6 +218,7 @@ def export_folder(source: str) -> Path:
     return folder
 
 
+@lru_cache(maxsize=1)
 def probe_texts() -> list[str]:
     """Texts of every length in the bundled sample, the shortest to the longest: what the agreement is measured on."""
     from bge_pipeline.corpus import load_segments

@@ -271,8 +271,8 @@ def write_batch(table: Table, column: str) -> sql.Composed:
 
 # For the rest of the write's transaction: look each row up by its id. Left to itself the planner hash-joins the
 # batch against a sequential scan of the whole table, computing md5 of every row's text for every batch (measured:
-# 17k rows/s against 32k on 10,000 rows, and quadratic in the table's size). read_table_state ensures the id has
-# a unique index to look rows up by.
+# 17k rows/s against 32k on 10,000 rows, and quadratic in the table's size). catalog.require_table ensures the id
+# has a unique index to look rows up by.
 WRITE_BY_ID = sql.SQL("SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)")
 
 ADVISORY_LOCK = sql.SQL("SELECT pg_advisory_lock(hashtext(%s), %s)")
