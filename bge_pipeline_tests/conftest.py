@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psycopg
@@ -13,13 +12,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights here
 
-from bge_pipeline.corpus import Segment, create_seed_table, load_segments  # noqa: E402
-from bge_pipeline.database import embedded_database_url  # noqa: E402
-from bge_pipeline.resources import build_resources  # noqa: E402
-from bge_pipeline.settings import Settings  # noqa: E402
+from bge_pipeline.core.corpus import Segment, create_seed_table, load_segments  # noqa: E402
+from bge_pipeline.core.database import embedded_database_url  # noqa: E402
+from bge_pipeline.core.settings import Settings  # noqa: E402
+from bge_pipeline.defs.resources import build_resources  # noqa: E402
 from bge_pipeline_tests.faultkit import plain, with_database  # noqa: E402
 
-SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sotu_segments.jsonl"
 _database_numbers = itertools.count()
 
 
@@ -30,7 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda"):
             item.add_marker(no_gpu)
 
 

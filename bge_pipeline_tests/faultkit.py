@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import parse_qs, urlsplit
 
 import dagster as dg
 import numpy as np
@@ -20,9 +21,10 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from bge_pipeline.encoder import shared_encoder
-from bge_pipeline.resources import build_resources
-from bge_pipeline.settings import Settings
+from bge_pipeline.core.encoder import shared_encoder
+from bge_pipeline.core.settings import Settings
+from bge_pipeline.defs.resources import build_resources
+from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS
 
 DIMENSIONS = 384
 VECTOR_TOLERANCE = 1e-5
@@ -35,6 +37,12 @@ def plain(url: str) -> str:
 def with_database(url: str, name: str) -> str:
     head, _, query = url.partition("?")
     return f"{head.rsplit('/', 1)[0]}/{name}?{query}"
+
+
+def socket_directory(url: str) -> str | None:
+    """The unix-socket directory of a libpq URL (`?host=/path`), if it names one."""
+    hosts = parse_qs(urlsplit(url).query).get("host")
+    return hosts[0] if hosts else None
 
 
 # --- what the database holds ------------------------------------------------------------------------------
@@ -63,7 +71,9 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
         "JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') ORDER BY 1"
     ).fetchall()
-    triggers = conn.execute("SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2").fetchall()
+    triggers = conn.execute(
+        "SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2"
+    ).fetchall()
     functions = conn.execute(
         "SELECT p.proname, md5(p.prosrc) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
         "WHERE n.nspname = 'public' AND p.proname NOT LIKE '%vector%' ORDER BY 1"
@@ -74,7 +84,9 @@ def snapshot(conn: psycopg.Connection) -> dict[str, Any]:
         if kind == "r":
             ident = sql.Identifier(schema, name)
             checksums[f"{schema}.{name}"] = conn.execute(
-                sql.SQL("SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {t} AS t").format(t=ident)
+                sql.SQL(
+                    "SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY t::text), '')) FROM {t} AS t"
+                ).format(t=ident)
             ).fetchone()
     return {
         "relations": relations,
@@ -111,16 +123,25 @@ def indexes(conn: psycopg.Connection, table: str, schema: str = "public") -> lis
 
 
 def read_rows(
-    conn: psycopg.Connection, table: str = "segments", column: str = "embedding", id_column: str = "id", text_column: str = "text"
+    conn: psycopg.Connection,
+    table: str = "segments",
+    column: str = "embedding",
+    id_column: str = "id",
+    text_column: str = "text",
 ) -> dict[Any, tuple[Optional[str], Optional[np.ndarray]]]:
     """id -> (text, vector) of every row."""
     register_vector(conn)
     rows = conn.execute(
         sql.SQL("SELECT {i}, {x}, {c} FROM {t}").format(
-            i=sql.Identifier(id_column), x=sql.Identifier(text_column), c=sql.Identifier(column), t=sql.Identifier(table)
+            i=sql.Identifier(id_column),
+            x=sql.Identifier(text_column),
+            c=sql.Identifier(column),
+            t=sql.Identifier(table),
         )
     ).fetchall()
-    return {row[0]: (row[1], None if row[2] is None else np.asarray(row[2].to_numpy(), dtype=np.float32)) for row in rows}
+    return {
+        row[0]: (row[1], None if row[2] is None else np.asarray(row[2].to_numpy(), dtype=np.float32)) for row in rows
+    }
 
 
 def fresh_vectors(model_path: str, texts: list[str]) -> np.ndarray:
@@ -165,10 +186,9 @@ def migrate(
     settings: Settings, selection: str = "embeddings*", instance: Optional[dg.DagsterInstance] = None, **kwargs: Any
 ) -> dg.ExecuteInProcessResult:
     """The demo's way: the definitions' assets and checks, materialized in this process."""
-    from bge_pipeline.definitions import defs
 
     return dg.materialize(
-        [*defs.assets, *defs.asset_checks],  # type: ignore[list-item]
+        ALL_ASSETS_AND_CHECKS,
         selection=selection,
         resources=build_resources(settings, from_environment=False),
         instance=instance,
@@ -178,7 +198,9 @@ def migrate(
 
 def cli_environment(url: str, model_path: str, **overrides: str) -> dict[str, str]:
     """The environment a user's shell gives `dagster asset materialize`: no DAGSTER_HOME, nothing from .env."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("EMBEDDING_", "BACKFILL_", "DAGSTER_"))}
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("EMBEDDING_", "BACKFILL_", "DAGSTER_"))
+    }
     env.update(
         DATABASE_URL=url,
         EMBEDDING_MODEL=model_path,

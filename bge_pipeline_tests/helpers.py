@@ -8,9 +8,12 @@ import dagster as dg
 import numpy as np
 import psycopg
 
-from bge_pipeline.definitions import defs
+from bge_pipeline.core.settings import Settings
+from bge_pipeline.defs.definitions import build_definitions
 
-ALL_ASSETS_AND_CHECKS = [*defs.assets, *defs.asset_checks]  # type: ignore[misc]
+# The definitions as Dagster loads them with the default settings (8 partitions); each test brings its resources.
+DEFAULT_DEFINITIONS = build_definitions(Settings.from_mapping({}), from_environment=False)
+ALL_ASSETS_AND_CHECKS = [*DEFAULT_DEFINITIONS.assets, *DEFAULT_DEFINITIONS.asset_checks]  # type: ignore[misc]
 
 
 def materialize(

@@ -7,7 +7,7 @@ import sys
 import psycopg
 import pytest
 
-from bge_pipeline.backup import bundled_binary, libpq_environment
+from bge_pipeline.core.backup import bundled_binary, libpq_environment
 from bge_pipeline_tests.faultkit import plain, with_database
 
 pytestmark = pytest.mark.pgvector
@@ -20,7 +20,11 @@ def test_backup_dumps_the_table_and_restores_elsewhere(seed_table, database_url,
 
     done = subprocess.run(
         [sys.executable, "-m", "bge_pipeline.cli", "backup", "--out", str(dump)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert done.returncode == 0, done.stderr
@@ -33,7 +37,10 @@ def test_backup_dumps_the_table_and_restores_elsewhere(seed_table, database_url,
     target = libpq_environment(server_url) | {"PGDATABASE": "restored"}
     restored = subprocess.run(
         [bundled_binary("pg_restore"), "--no-owner", "-d", "restored", str(dump)],
-        env={**os.environ, **target}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, **target},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert restored.returncode == 0, restored.stderr
     with psycopg.connect(restored_url) as conn:
@@ -43,4 +50,10 @@ def test_backup_dumps_the_table_and_restores_elsewhere(seed_table, database_url,
 
 def test_the_password_goes_to_pg_dump_through_the_environment_only() -> None:
     env = libpq_environment("postgresql+psycopg://app:S3cr3t@db.internal:5433/prod")
-    assert env == {"PGHOST": "db.internal", "PGPORT": "5433", "PGUSER": "app", "PGDATABASE": "prod", "PGPASSWORD": "S3cr3t"}
+    assert env == {
+        "PGHOST": "db.internal",
+        "PGPORT": "5433",
+        "PGUSER": "app",
+        "PGDATABASE": "prod",
+        "PGPASSWORD": "S3cr3t",
+    }

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bge_pipeline.encoder import Encoder
-from bge_pipeline.runtimes import EXPORT_MARKER, resolve_backend
+from bge_pipeline.core.encoder import Encoder
+from bge_pipeline.core.runtimes import EXPORT_MARKER, resolve_backend
 
 TEXTS = [
     "",
@@ -34,13 +34,31 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "bge_pipeline.cli", *args],
-        capture_output=True, text=True, timeout=300, env=full_env, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=full_env,
+        cwd=Path(__file__).resolve().parents[1],
     )
 
 
 def test_bench_prints_throughput_per_batch_size_and_the_best(minilm_path: str) -> None:
-    done = run_cli("bench", "--model", minilm_path, "--texts", "32", "--batch-sizes", "8,16", "--device", "cpu",
-                   "--backend", "torch", "--baseline-model", minilm_path, "--no-progress")
+    done = run_cli(
+        "bench",
+        "--model",
+        minilm_path,
+        "--texts",
+        "32",
+        "--batch-sizes",
+        "8,16",
+        "--device",
+        "cpu",
+        "--backend",
+        "torch",
+        "--baseline-model",
+        minilm_path,
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     assert "batch_size=8 " in done.stdout and "batch_size=16" in done.stdout
     assert "✅ Best encoding throughput:" in done.stdout
@@ -49,12 +67,28 @@ def test_bench_prints_throughput_per_batch_size_and_the_best(minilm_path: str) -
 
 
 def test_bench_json_reports_rates_for_each_backend(minilm_path: str) -> None:
-    done = run_cli("bench", "--model", minilm_path, "--texts", "16", "--batch-sizes", "8,16", "--device", "cpu",
-                   "--backend", "torch,onnx", "--json", "--no-progress")
+    done = run_cli(
+        "bench",
+        "--model",
+        minilm_path,
+        "--texts",
+        "16",
+        "--batch-sizes",
+        "8,16",
+        "--device",
+        "cpu",
+        "--backend",
+        "torch,onnx",
+        "--json",
+        "--no-progress",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # --json: stdout is one JSON object, the human lines are on stderr
     assert [(r["backend"], r["batch_size"]) for r in result["runs"]] == [
-        ("torch", 8), ("torch", 16), ("onnx", 8), ("onnx", 16)
+        ("torch", 8),
+        ("torch", 16),
+        ("onnx", 8),
+        ("onnx", 16),
     ]
     assert all(0 < r["texts_per_second"] < 100_000 and r["texts"] == 16 for r in result["runs"])
     assert result["dimensions"] == 384 and result["device"] == "cpu"
@@ -67,22 +101,46 @@ def test_bench_json_reports_rates_for_each_backend(minilm_path: str) -> None:
 def test_pipeline_bench_measures_encoding_writes_backfill_index_and_rss(
     minilm_path: str, database_url: str, connect: Any
 ) -> None:
-    done = run_cli("bench", "--pipeline", "--model", minilm_path, "--rows", "120", "--batch-rows", "30",
-                   "--device", "cpu", "--backend", "torch", "--json", "--no-progress",
-                   env={"DATABASE_URL": database_url})
+    done = run_cli(
+        "bench",
+        "--pipeline",
+        "--model",
+        minilm_path,
+        "--rows",
+        "120",
+        "--batch-rows",
+        "30",
+        "--device",
+        "cpu",
+        "--backend",
+        "torch",
+        "--json",
+        "--no-progress",
+        env={"DATABASE_URL": database_url},
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["rows"] == 120 and result["rows_embedded"] == 120
-    for key in ("encode_texts_per_second", "write_unnest_rows_per_second", "write_executemany_rows_per_second",
-                "end_to_end_rows_per_second"):
+    for key in (
+        "encode_texts_per_second",
+        "write_unnest_rows_per_second",
+        "write_executemany_rows_per_second",
+        "end_to_end_rows_per_second",
+    ):
         assert result[key] > 0, key
     assert 0 < result["end_to_end_ratio"] < 2
     assert result["index_build_seconds"] > 0 and result["index_lists"] == 100
     assert result["index_build_settings"]["maintenance_work_mem"] == "1GB"
     assert result["rss_per_batch"]["batches"] == 4
     assert result["rss_per_batch"]["peak_mib"] <= result["peak_rss_mib"] + 1
-    for line in ("Bare encoding:", "Write, unnest:", "Write, executemany:", "End-to-end backfill:", "Index build:",
-                 "RSS per batch:"):
+    for line in (
+        "Bare encoding:",
+        "Write, unnest:",
+        "Write, executemany:",
+        "End-to-end backfill:",
+        "Index build:",
+        "RSS per batch:",
+    ):
         assert line in done.stderr
     with connect() as conn:  # on a DATABASE_URL server the bench leaves nothing behind
         tables = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'bge_bench_%'").fetchall()
@@ -124,7 +182,7 @@ def test_int8_graphs_that_move_the_vectors_are_not_used(minilm_path: str, caplog
 def test_int8_runs_where_its_vectors_agree(caplog: pytest.LogCaptureFixture) -> None:
     """The bge-small stand-in's random weights quantise well (cosine ~0.9998): there `onnx-int8` runs int8."""
     pytest.importorskip("onnxruntime")
-    from bge_pipeline.shape_model import resolve_model
+    from bge_pipeline.core.shape_model import resolve_model
 
     model = resolve_model("shape:bge-small")
     encoder = Encoder.load(model, 384, "cpu", 4, "onnx-int8")
@@ -143,7 +201,9 @@ def test_auto_is_onnx_on_a_cpu_and_torch_on_a_gpu_or_without_onnxruntime(
     assert resolve_backend("auto", "cuda") == "torch"  # torch fp16 is the GPU path
     assert resolve_backend("onnx-int8", "cuda:0") == "torch"
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a)
+    )
     with caplog.at_level(logging.WARNING, logger="bge_pipeline.runtimes"):
         assert resolve_backend("onnx", "cpu") == "torch"
         assert resolve_backend("auto", "cpu") == "torch"
@@ -153,7 +213,7 @@ def test_auto_is_onnx_on_a_cpu_and_torch_on_a_gpu_or_without_onnxruntime(
 def test_shape_model_has_bge_smalls_dimensions_and_parameter_count(tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from bge_pipeline.shape_model import build_shape_model, resolve_model, shape_spec
+    from bge_pipeline.core.shape_model import build_shape_model, resolve_model, shape_spec
 
     folder = build_shape_model(tmp_path / "shape")
     assert build_shape_model(tmp_path / "shape") == folder  # built once, then reused

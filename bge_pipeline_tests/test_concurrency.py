@@ -34,7 +34,11 @@ LOCK_KEY = "bge_pipeline:public.segments"
 
 
 def test_racing_runs_on_one_partition_embed_each_row_once(
-    database_url: str, connect: Callable[[], psycopg.Connection], seed_table: Callable[..., Any], minilm_path: str, tmp_path: Path
+    database_url: str,
+    connect: Callable[[], psycopg.Connection],
+    seed_table: Callable[..., Any],
+    minilm_path: str,
+    tmp_path: Path,
 ) -> None:
     """Two `--partition 1` CLI runs and the unpartitioned `embeddings` asset, released at the same instant onto the
     same rows: an audit trigger sees each row's vector written exactly once, and every run finishes."""
@@ -43,9 +47,11 @@ def test_racing_runs_on_one_partition_embed_each_row_once(
     settings = settings_for(url, minilm_path, BACKFILL_PARTITIONS=2, BACKFILL_BATCH_ROWS=10)
     assert migrate(settings, selection="staging_embedding_column").success
     with connect() as conn:
-        conn.execute("CREATE TABLE vector_writes (id bigint, backend integer DEFAULT pg_backend_pid(), at timestamptz DEFAULT clock_timestamp())")
         conn.execute(
-            f"""CREATE FUNCTION audit_vector_write() RETURNS trigger LANGUAGE plpgsql AS $$
+            "CREATE TABLE vector_writes (id bigint, backend integer DEFAULT pg_backend_pid(), at timestamptz DEFAULT clock_timestamp())"
+        )
+        conn.execute(
+            """CREATE FUNCTION audit_vector_write() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN INSERT INTO vector_writes (id) VALUES (NEW.id); RETURN NULL; END $$"""
         )
         conn.execute(
@@ -57,7 +63,9 @@ def test_racing_runs_on_one_partition_embed_each_row_once(
     gate.execute("SELECT pg_advisory_lock(hashtext(%s), 1)", (LOCK_KEY,))
     env = cli_environment(url, minilm_path, BACKFILL_PARTITIONS="2", BACKFILL_BATCH_ROWS="10")
     logs = [tmp_path / "partition_a.log", tmp_path / "partition_b.log"]
-    children = [start_cli(env, str(tmp_path), "--select", "embedding_batches", "--partition", "1", log_path=log) for log in logs]
+    children = [
+        start_cli(env, str(tmp_path), "--select", "embedding_batches", "--partition", "1", log_path=log) for log in logs
+    ]
     whole: dict[str, Any] = {}
 
     def run_whole() -> None:
@@ -71,11 +79,13 @@ def test_racing_runs_on_one_partition_embed_each_row_once(
     try:
         with connect() as probe:
             wait_for(
-                lambda: probe.execute(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 1 AND NOT granted "
-                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                ).fetchone()[0]
-                == 3,
+                lambda: (
+                    probe.execute(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 1 AND NOT granted "
+                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    ).fetchone()[0]
+                    == 3
+                ),
                 240,
                 "three runs waiting on partition 1",
             )
@@ -183,7 +193,11 @@ def test_writes_during_backfill_and_swap_are_kept_and_embedded(
     for run_result, step in ((backfilled, "embeddings"), (swapped, "live_embedding_column")):
         for entry in instance.all_logs(run_result.run_id):
             event = entry.dagster_event
-            if event and event.step_key == step and event.event_type_value in ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE"):
+            if (
+                event
+                and event.step_key == step
+                and event.event_type_value in ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE")
+            ):
                 windows[(step, event.event_type_value.replace("FAILURE", "SUCCESS"))] = entry.timestamp
     during = {
         step: [w for w in writer.writes if windows[(step, "STEP_START")] <= w[0] <= windows[(step, "STEP_SUCCESS")]]

@@ -12,9 +12,10 @@ import dagster as dg
 import psycopg
 import pytest
 
-from bge_pipeline import dev
-from bge_pipeline.assets.column import staging_embedding_column
-from bge_pipeline.resources import build_resources
+from bge_pipeline.cli import dev
+from bge_pipeline.defs.assets.column import staging_embedding_column
+from bge_pipeline.defs.resources import build_resources
+from bge_pipeline_tests.faultkit import socket_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.pgvector
@@ -40,7 +41,9 @@ def dagster_home(tmp_path: Path) -> Path:
     return home
 
 
-def test_run_and_its_events_are_stored_in_postgres(dagster_pg_url, dagster_home, make_settings, seed_table, monkeypatch):
+def test_run_and_its_events_are_stored_in_postgres(
+    dagster_pg_url, dagster_home, make_settings, seed_table, monkeypatch
+):
     seed_table(rows=5)
     monkeypatch.chdir(dagster_home)  # the yaml's relative artifact folders land here
     resources = build_resources(make_settings(), from_environment=False)
@@ -59,7 +62,7 @@ def test_run_and_its_events_are_stored_in_postgres(dagster_pg_url, dagster_home,
         materialized = conn.execute(
             "SELECT count(*) FROM event_logs WHERE run_id = %s AND asset_key LIKE %s "
             "AND dagster_event_type = 'ASSET_MATERIALIZATION'",
-            (result.run_id, '%staging_embedding_column%'),
+            (result.run_id, "%staging_embedding_column%"),
         ).fetchone()[0]
     assert status == ("SUCCESS",)
     # Run events keep their legacy PIPELINE_* names in the event_logs table.
@@ -68,7 +71,7 @@ def test_run_and_its_events_are_stored_in_postgres(dagster_pg_url, dagster_home,
 
 
 def test_gpu_pool_limit_is_stored_in_the_instance(dagster_pg_url, dagster_home):
-    dev.set_pool_limit(dagster_home, dev.GPU_POOL, 3)
+    dev.set_pool_limit({"DAGSTER_HOME": str(dagster_home), "DAGSTER_PG_URL": dagster_pg_url}, dev.GPU_POOL, 3)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         assert instance.event_log_storage.get_concurrency_info(dev.GPU_POOL).slot_count == 3
         # Pools nobody configured get dagster.yaml's default_limit.
@@ -79,15 +82,21 @@ def test_bge_pipeline_dev_prepares_embedded_storage(server_url, tmp_path):
     """`bge-pipeline dev` with neither DATABASE_URL nor DAGSTER_PG_URL: the embedded server gets a `dagster` database."""
     shutil.copy(ROOT / "dagster.yaml", tmp_path / "dagster.yaml")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DAGSTER_PG_URL", "DAGSTER_HOME")}
-    env.update(EMBEDDED_PGDATA=dev.socket_directory(server_url), GPU_CONCURRENCY="2")
+    env.update(EMBEDDED_PGDATA=socket_directory(server_url), GPU_CONCURRENCY="2")
     done = subprocess.run(
         [sys.executable, "-m", "bge_pipeline.cli", "dev", "--dry-run", "--", "-p", "3999"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    lines = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line and " " not in line.split("=")[0])
+    lines = dict(
+        line.split("=", 1) for line in done.stdout.splitlines() if "=" in line and " " not in line.split("=")[0]
+    )
     assert lines["DAGSTER_HOME"] == str(tmp_path)
-    assert lines["DAGSTER_PG_URL"] == f"postgresql+psycopg2://postgres:@/dagster?host={dev.socket_directory(server_url)}"
+    assert lines["DAGSTER_PG_URL"] == f"postgresql+psycopg2://postgres:@/dagster?host={socket_directory(server_url)}"
     assert "gpu pool limit: 2" in done.stdout
     assert done.stdout.strip().splitlines()[-1].endswith("dagster dev -p 3999")
     with psycopg.connect(_psycopg_url(lines["DAGSTER_PG_URL"])) as conn:

@@ -15,7 +15,7 @@ import yaml
 from dagster._config import validate_config
 from dagster._core.instance.config import dagster_instance_config
 
-from bge_pipeline.assets.backfill import GPU_POD_CONFIG, embedding_batches
+from bge_pipeline.defs.assets.embeddings import GPU_POD_CONFIG, build_embedding_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 VALUES = ROOT / "deploy" / "values.yaml"
@@ -47,16 +47,28 @@ def render_instance(values: dict[str, Any]) -> dict[str, Any]:
     launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
     run_k8s = launcher.get("runK8sConfig", {})
     queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
-    coordinator_config = {k: v for k, v in {
-        "max_concurrent_runs": queued.get("maxConcurrentRuns"),
-        "tag_concurrency_limits": queued.get("tagConcurrencyLimits") or None,
-        "dequeue_interval_seconds": queued.get("dequeueIntervalSeconds"),
-    }.items() if v is not None}
+    coordinator_config = {
+        k: v
+        for k, v in {
+            "max_concurrent_runs": queued.get("maxConcurrentRuns"),
+            "tag_concurrency_limits": queued.get("tagConcurrencyLimits") or None,
+            "dequeue_interval_seconds": queued.get("dequeueIntervalSeconds"),
+        }.items()
+        if v is not None
+    }
     pools, runs = values["concurrency"]["pools"], values["concurrency"]["runs"]
     return {
         "run_storage": {"module": "dagster_postgres.run_storage", "class": "PostgresRunStorage", "config": storage},
-        "event_log_storage": {"module": "dagster_postgres.event_log", "class": "PostgresEventLogStorage", "config": storage},
-        "schedule_storage": {"module": "dagster_postgres.schedule_storage", "class": "PostgresScheduleStorage", "config": storage},
+        "event_log_storage": {
+            "module": "dagster_postgres.event_log",
+            "class": "PostgresEventLogStorage",
+            "config": storage,
+        },
+        "schedule_storage": {
+            "module": "dagster_postgres.schedule_storage",
+            "class": "PostgresScheduleStorage",
+            "config": storage,
+        },
         "run_launcher": {
             "module": "dagster_k8s",
             "class": values["runLauncher"]["type"],
@@ -137,7 +149,7 @@ def test_gpu_request_is_the_same_in_values_and_the_asset_tag(values):
         # Kubernetes: an extended resource must be in limits, and a request for it must equal the limit.
         assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
         assert all(isinstance(q, str) for part in resources.values() for q in part.values())
-    assert json.loads(embedding_batches.op.tags[K8S_CONFIG_TAG]) == GPU_POD_CONFIG
+    assert json.loads(build_embedding_batches(8).op.tags[K8S_CONFIG_TAG]) == GPU_POD_CONFIG
 
 
 def test_k8s_config_tag_parses_as_kubernetes_objects(values):
@@ -148,12 +160,14 @@ def test_k8s_config_tag_parses_as_kubernetes_objects(values):
 
     run_k8s = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
     for tag_value in (
-        embedding_batches.op.tags[K8S_CONFIG_TAG],  # the op tag, as k8s_job_executor reads it
+        build_embedding_batches(8).op.tags[K8S_CONFIG_TAG],  # the op tag, as k8s_job_executor reads it
         json.dumps({"container_config": run_k8s["containerConfig"], "pod_spec_config": run_k8s["podSpecConfig"]}),
     ):
         # The run/op tag path: JSON, validated against dagster-k8s's USER_DEFINED_K8S_JOB_CONFIG_SCHEMA.
         parsed: UserDefinedDagsterK8sConfig = get_user_defined_k8s_config({K8S_CONFIG_TAG: tag_value})
         resources = k8s_model_from_dict(V1ResourceRequirements, parsed.container_config["resources"])
         assert resources.limits["nvidia.com/gpu"] == "1" and resources.requests["nvidia.com/gpu"] == "1"
-        pod_spec = k8s_model_from_dict(V1PodSpec, k8s_snake_case_dict(V1PodSpec, {**parsed.pod_spec_config, "containers": []}))
+        pod_spec = k8s_model_from_dict(
+            V1PodSpec, k8s_snake_case_dict(V1PodSpec, {**parsed.pod_spec_config, "containers": []})
+        )
         assert all(isinstance(t, V1Toleration) and t.key == "nvidia.com/gpu" for t in pod_spec.tolerations)

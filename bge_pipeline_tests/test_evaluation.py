@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from bge_pipeline.corpus import Segment, load_segments
-from bge_pipeline.evaluation import build_queries, load_queries, ndcg_at_k, recall_at_k
+from bge_pipeline.core.corpus import Segment, load_segments
+from bge_pipeline.core.evaluation import build_queries, load_queries, ndcg_at_k, recall_at_k
 from bge_pipeline_tests.test_search import MigratedTable, shared_migrated_table
 
 
@@ -38,7 +38,7 @@ def test_the_shipped_query_set_is_what_build_queries_makes_from_the_sample() -> 
 
 
 def _run_eval(table: MigratedTable, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, *args: str, **env: str) -> int:
-    from bge_pipeline.cli import main
+    from bge_pipeline.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     values = {"DATABASE_URL": table.url, "EMBEDDING_MODEL": table.minilm_path, "EMBEDDING_DEVICE": "cpu", **env}
@@ -55,7 +55,9 @@ def test_eval_prints_recall_and_ndcg_for_ann_and_exact_search(
     lines = out.strip().splitlines()
     assert "skipped (their rows are not in the table)" in lines[0]  # 300 of the sample's 1,000 rows
     assert lines[1].split()[:4] == ["method", "recall@10", "nDCG@10", "ms/query"]
-    figures = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:] if not line.startswith("note")}
+    figures = {
+        line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:] if not line.startswith("note")
+    }
     assert set(figures) == {"ann", "exact"}
     assert figures["exact"][0] >= 0.8  # verbatim excerpts find their segment
     assert figures["ann"][0] == pytest.approx(figures["exact"][0], abs=0.05)  # the index loses (almost) nothing
@@ -73,8 +75,18 @@ def test_eval_with_the_reranker_and_json_output(
         )
     )
     code = _run_eval(
-        migrated, monkeypatch, tmp_path, "--queries", str(queries), "--k", "5", "--json",
-        ENABLE_RERANKER="true", RERANKER_MODEL=migrated.minilm_path, RERANK_TOP_K="10", RETURN_TOP_K="5",
+        migrated,
+        monkeypatch,
+        tmp_path,
+        "--queries",
+        str(queries),
+        "--k",
+        "5",
+        "--json",
+        ENABLE_RERANKER="true",
+        RERANKER_MODEL=migrated.minilm_path,
+        RERANK_TOP_K="10",
+        RETURN_TOP_K="5",
     )
     assert code == 0
     report = json.loads(capsys.readouterr().out)

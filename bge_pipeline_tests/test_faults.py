@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import threading
@@ -12,11 +13,11 @@ from typing import Any, Callable
 import psycopg
 import pytest
 
-from bge_pipeline.backfill import BatchFailedError
-from bge_pipeline.corpus import create_seed_table
-from bge_pipeline.encoder import shared_encoder
-from bge_pipeline.migration import MigrationResource, backfill, prepare_staging_column
-from bge_pipeline.resources import build_resources
+from bge_pipeline.core.backfill import BatchFailedError
+from bge_pipeline.core.corpus import create_seed_table
+from bge_pipeline.core.database import Database
+from bge_pipeline.core.encoder import shared_encoder
+from bge_pipeline.core.migration import MigrationTarget, backfill, prepare_staging_column
 from bge_pipeline_tests.faultkit import (
     DIMENSIONS,
     CatalogWatcher,
@@ -49,14 +50,20 @@ def _count_staged(conn: psycopg.Connection) -> int:
 def _wait_for_line(log: Path, pattern: str, process: Any, timeout_seconds: float) -> None:
     def seen() -> bool:
         if process.poll() is not None:
-            raise AssertionError(f"the run ended (rc {process.returncode}) before {pattern!r}:\n{log.read_text()[-3000:]}")
+            raise AssertionError(
+                f"the run ended (rc {process.returncode}) before {pattern!r}:\n{log.read_text()[-3000:]}"
+            )
         return pattern in log.read_text(errors="replace")
 
     wait_for(seen, timeout_seconds, pattern, interval_seconds=0.01)
 
 
 def test_migration_resumes_after_repeated_kills(
-    database_url: str, connect: Callable[[], psycopg.Connection], seed_table: Callable[..., Any], minilm_path: str, tmp_path: Path
+    database_url: str,
+    connect: Callable[[], psycopg.Connection],
+    seed_table: Callable[..., Any],
+    minilm_path: str,
+    tmp_path: Path,
 ) -> None:
     """kill -9 in the backfill, in the index build and in the swap, then one run to the end: same result as one
     uninterrupted run, and at every moment the table has its `embedding` column."""
@@ -102,10 +109,12 @@ def test_migration_resumes_after_repeated_kills(
             time.sleep(rng.uniform(0.0, 0.5))
             kill_hard(run)
             wait_for(
-                lambda: not probe.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND query LIKE 'CREATE INDEX CONCURRENTLY%%' AND state = 'active'"
-                ).fetchone()[0],
+                lambda: (
+                    not probe.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND query LIKE 'CREATE INDEX CONCURRENTLY%%' AND state = 'active'"
+                    ).fetchone()[0]
+                ),
                 30,
                 "the orphaned index build to notice its client is gone",
             )
@@ -144,11 +153,13 @@ def test_migration_resumes_after_repeated_kills(
             time.sleep(rng.uniform(0.0, 0.7))
             kill_hard(run)
             wait_for(
-                lambda: not probe.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND (state LIKE 'idle in transaction%%' "
-                    "OR (state = 'active' AND query NOT LIKE '%%pg_attribute%%'))"
-                ).fetchone()[0],
+                lambda: (
+                    not probe.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND (state LIKE 'idle in transaction%%' "
+                        "OR (state = 'active' AND query NOT LIKE '%%pg_attribute%%'))"
+                    ).fetchone()[0]
+                ),
                 30,
                 "the killed swap's transaction to end",
             )
@@ -169,7 +180,9 @@ def test_migration_resumes_after_repeated_kills(
 
     print(f"random seed {seed}: " + "; ".join(outcomes))
     assert len(watcher.observations) > 100, "the catalog watcher barely ran"
-    assert not watcher.without_live_column(), f"moments without an `embedding` column: {watcher.without_live_column()[:5]}"
+    assert not watcher.without_live_column(), (
+        f"moments without an `embedding` column: {watcher.without_live_column()[:5]}"
+    )
     with connect() as conn:
         # The state an uninterrupted run leaves: the same rows and texts, one vector(384) column holding the vectors
         # of exactly these texts, its valid cosine IVFFLAT index under the live name, no staging column left.
@@ -190,16 +203,18 @@ def test_migration_resumes_after_repeated_kills(
         assert {key: text for key, (text, _) in rows.items()} == texts_before
         assert assert_vectors_match_texts(minilm_path, rows) == ROWS
         assert conn.execute("SELECT count(*) FROM segments_embedding_backup_1536").fetchone()[0] == ROWS
-        assert conn.execute("SELECT column_name, dimensions FROM bge_pipeline_models WHERE table_name = 'segments' AND column_name = 'embedding'").fetchall() == [("embedding", DIMENSIONS)]
+        assert conn.execute(
+            "SELECT column_name, dimensions FROM bge_pipeline_models WHERE table_name = 'segments' AND column_name = 'embedding'"
+        ).fetchall() == [("embedding", DIMENSIONS)]
 
 
 # --- PostgreSQL going away mid-backfill ---------------------------------------------------------------------
 
 
-def _throwaway_migration(url: str, minilm_path: str, **fields: Any) -> tuple[Any, MigrationResource]:
-    resources = build_resources(settings_for(url, minilm_path, BACKFILL_BATCH_ROWS=10), from_environment=False)
-    migration = resources["migration"]
-    return resources["database"], MigrationResource(**{**migration.model_dump(), "retry_base_seconds": 0.5, **fields})
+def _throwaway_migration(url: str, minilm_path: str, **fields: Any) -> tuple[Database, MigrationTarget]:
+    settings = settings_for(url, minilm_path, BACKFILL_BATCH_ROWS=10)
+    target = MigrationTarget.from_settings(settings)
+    return Database.from_settings(settings), dataclasses.replace(target, **{"retry_base_seconds": 0.5, **fields})
 
 
 def test_backfill_rides_out_a_postgres_restart(minilm_path: str, segments: list[Any]) -> None:
@@ -271,7 +286,9 @@ def test_backfill_retries_batches_whose_backend_was_terminated(
         conn.execute(
             "CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$"
         )
-        conn.execute("CREATE TRIGGER slow_write AFTER UPDATE ON segments FOR EACH STATEMENT EXECUTE FUNCTION slow_write()")
+        conn.execute(
+            "CREATE TRIGGER slow_write AFTER UPDATE ON segments FOR EACH STATEMENT EXECUTE FUNCTION slow_write()"
+        )
     terminated: list[int] = []
     done = threading.Event()
 

@@ -6,11 +6,18 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from bge_pipeline import jobs
-from bge_pipeline.definitions import defs
-from bge_pipeline.encoder import shared_encoder
-from bge_pipeline.resources import build_resources
-from bge_pipeline_tests.helpers import check_results, columns, indexes, materialize, metadata, vectors
+from bge_pipeline.core.encoder import shared_encoder
+from bge_pipeline.defs import automation, jobs
+from bge_pipeline.defs.resources import build_resources
+from bge_pipeline_tests.helpers import (
+    DEFAULT_DEFINITIONS,
+    check_results,
+    columns,
+    indexes,
+    materialize,
+    metadata,
+    vectors,
+)
 
 pytestmark = pytest.mark.pgvector
 
@@ -56,28 +63,29 @@ def test_new_and_changed_rows_are_reembedded(seed_table, resources, settings, co
     assert np.array_equal(stored[41], untouched_before)
 
 
-def test_sensor_asks_for_a_run_past_the_threshold(seed_table, resources, connect) -> None:
+def test_sensor_asks_for_a_run_past_the_threshold(seed_table, make_settings, connect) -> None:
+    threshold = 30  # REEMBED_MIN_PENDING, from the settings through the migration resource
+    resources = build_resources(make_settings(reembed_min_pending=threshold), from_environment=False)
     seed_table(rows=12)
     materialize(resources, "embeddings*")
-    threshold = jobs.current_settings().reembed_min_pending  # 1000 by default
 
     with dg.instance_for_test() as instance:
         with dg.build_sensor_context(instance=instance, resources=resources) as context:
-            quiet = list(jobs.pending_rows_sensor(context))
+            quiet = list(automation.pending_rows_sensor(context))
         with connect() as conn:
             conn.execute(
                 "INSERT INTO segments (id, text) SELECT 10000 + g, 'pending row ' || g FROM generate_series(1, %s) g",
                 (threshold,),
             )
         with dg.build_sensor_context(instance=instance, resources=resources) as context:
-            busy = list(jobs.pending_rows_sensor(context))
+            busy = list(automation.pending_rows_sensor(context))
 
     assert isinstance(quiet[0], dg.SkipReason) and "0 rows pending" in quiet[0].skip_message
     assert isinstance(busy[0], dg.RunRequest) and busy[0].tags["rows_pending"] == str(threshold)
 
 
 def test_schedule_runs_the_reembed_job_daily_by_default() -> None:
-    schedule = defs.resolve_schedule_def("reembed_schedule")
+    schedule = DEFAULT_DEFINITIONS.resolve_schedule_def("reembed_schedule")
     assert schedule.cron_schedule == "0 3 * * *"
     assert schedule.job_name == "reembed"
 
@@ -119,7 +127,9 @@ def test_restore_after_phase_3_puts_the_old_vectors_back(seed_table, resources, 
 
     refused = _run_job(jobs.restore_old_embeddings_job, resources, "restore_old_embeddings", dimensions=1536)
     assert not refused.success
-    restored = _run_job(jobs.restore_old_embeddings_job, resources, "restore_old_embeddings", dimensions=1536, confirm=True)
+    restored = _run_job(
+        jobs.restore_old_embeddings_job, resources, "restore_old_embeddings", dimensions=1536, confirm=True
+    )
     assert restored.success
 
     with connect() as conn:
@@ -140,7 +150,9 @@ def test_model_change_runs_a_new_migration_and_back(seed_table, make_settings, m
     to_768 = materialize(large, "embeddings*")
     with connect() as conn:
         assert columns(conn)["embedding"] == "vector(768)" and "embedding_768" not in columns(conn)
-        recorded = conn.execute("SELECT model, dimensions FROM bge_pipeline_models WHERE column_name = 'embedding'").fetchone()
+        recorded = conn.execute(
+            "SELECT model, dimensions FROM bge_pipeline_models WHERE column_name = 'embedding'"
+        ).fetchone()
     assert recorded == (model_768, 768)
     assert all(check_results(to_768).values())
 

@@ -17,8 +17,10 @@ import pytest
 import yaml
 from pgvector.psycopg import register_vector
 
-from bge_pipeline import dev
-from bge_pipeline.encoder import shared_encoder
+from bge_pipeline.cli import dev
+from bge_pipeline.core.encoder import shared_encoder
+from bge_pipeline_tests import webserver
+from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 160
@@ -83,7 +85,11 @@ def _materialize(selection: str, env: dict[str, str], cwd: Path) -> float:
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "bge_pipeline", "--select", selection],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return time.perf_counter() - started
@@ -101,12 +107,13 @@ def _metadata(instance: dg.DagsterInstance, asset: str, run_id: str) -> dict[str
 
 def _materialize_in_process(selection: str, settings, instance: dg.DagsterInstance) -> str:
     """Materialize in this process (the model is loaded once per session), recorded in `instance`; the run id."""
-    from bge_pipeline.definitions import defs
-    from bge_pipeline.resources import build_resources
+    from bge_pipeline.defs.resources import build_resources
 
     result = dg.materialize(
-        [*defs.assets, *defs.asset_checks], selection=selection,  # type: ignore[misc]
-        resources=build_resources(settings, from_environment=False), instance=instance,
+        ALL_ASSETS_AND_CHECKS,
+        selection=selection,
+        resources=build_resources(settings, from_environment=False),
+        instance=instance,
     )
     assert result.success
     return result.run_id
@@ -133,12 +140,14 @@ def test_two_runs_backfill_every_partition_once_then_the_swap_follows(
     }
     monkeypatch.setenv("DAGSTER_PG_URL", pg_url)
     settings = make_settings(backfill_partitions=len(PARTITIONS))
-    dev.set_pool_limit(home, dev.GPU_POOL, CONCURRENT_RUNS)
-    port = dev.free_port()
+    dev.set_pool_limit({"DAGSTER_HOME": str(home), "DAGSTER_PG_URL": pg_url}, dev.GPU_POOL, CONCURRENT_RUNS)
+    port = webserver.free_port()
     command = [sys.executable, "-m", "dagster", "dev", "-m", "bge_pipeline", "-h", "127.0.0.1", "-p", str(port)]
 
-    with dev.running_webserver(command, env, tmp_path, port, tmp_path / "dagster_dev.log") as base_url, \
-            dg.DagsterInstance.from_config(str(home)) as instance:
+    with (
+        webserver.running_webserver(command, env, tmp_path, port, tmp_path / "dagster_dev.log") as base_url,
+        dg.DagsterInstance.from_config(str(home)) as instance,
+    ):
         figures: dict[str, float] = {"rows": ROWS}
         if MEASURE_ONE_RUN:
             # One run, every bucket in turn: `embeddings` creates the staging column and embeds all rows.
@@ -156,26 +165,37 @@ def test_two_runs_backfill_every_partition_once_then_the_swap_follows(
             _materialize_in_process("staging_embedding_column", settings, instance)
 
         launched = time.time()
-        result = dev.graphql(base_url, LAUNCH_BACKFILL, {"params": {
-            "partitionNames": PARTITIONS,
-            "assetSelection": [{"path": ["embedding_batches"]}],
-            "title": "test: two runs at once",
-        }})["launchPartitionBackfill"]
+        result = webserver.graphql(
+            base_url,
+            LAUNCH_BACKFILL,
+            {
+                "params": {
+                    "partitionNames": PARTITIONS,
+                    "assetSelection": [{"path": ["embedding_batches"]}],
+                    "title": "test: two runs at once",
+                }
+            },
+        )["launchPartitionBackfill"]
         assert result["__typename"] == "LaunchBackfillSuccess", result
         backfill_id = result["backfillId"]
 
         runs: list[dict[str, Any]] = []
         deadline = time.monotonic() + BACKFILL_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            runs = dev.graphql(base_url, BACKFILL_RUNS, {"id": backfill_id})["runsOrError"]["results"]
+            runs = webserver.graphql(base_url, BACKFILL_RUNS, {"id": backfill_id})["runsOrError"]["results"]
             if len(runs) == len(PARTITIONS) and all(run["status"] in TERMINAL_RUN_STATUSES for run in runs):
                 break
             time.sleep(2)
         else:
-            pytest.fail(f"backfill {backfill_id} unfinished after {BACKFILL_TIMEOUT_SECONDS}s: {runs}; see dagster_dev.log")
+            pytest.fail(
+                f"backfill {backfill_id} unfinished after {BACKFILL_TIMEOUT_SECONDS}s: {runs}; see dagster_dev.log"
+            )
         assert [run["status"] for run in runs] == ["SUCCESS"] * len(PARTITIONS), runs
         # BackfillPolicy runs carry a partition range, here one key wide: multi_run(1) means a run per partition.
-        ranges = sorted((_tag(run, "dagster/asset_partition_range_start"), _tag(run, "dagster/asset_partition_range_end")) for run in runs)
+        ranges = sorted(
+            (_tag(run, "dagster/asset_partition_range_start"), _tag(run, "dagster/asset_partition_range_end"))
+            for run in runs
+        )
         assert ranges == [(key, key) for key in PARTITIONS]
 
         spans = sorted((run["startTime"], run["endTime"]) for run in runs)
@@ -197,15 +217,19 @@ def test_two_runs_backfill_every_partition_once_then_the_swap_follows(
         assert swap_run.start_time >= max(end for _, end in spans)  # the swap ran after every partition's run
         assert _metadata(instance, "embeddings", swap_run_id)["rows_embedded"] == 0  # nothing left for it to do
         swap = _metadata(instance, "live_embedding_column", swap_run_id)
-        assert swap["swapped"] is True and swap["rows_embedded_before_swap"] == 0
+        assert swap["column"] == "embedding" and swap["rows_embedded_before_swap"] == 0
         live = _vectors(connect, "embedding")
         assert all(np.array_equal(live[i], staged[i]) for i in staged)
         with connect() as conn:
-            columns = {row[0] for row in conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = 'segments'")}
+            columns = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'segments'"
+                )
+            }
         assert "embedding_384" not in columns
 
-        status = dev.graphql(base_url, BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        status = webserver.graphql(base_url, BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
         assert status["status"] in ("REQUESTED", "COMPLETED_SUCCESS"), status  # the daemon marks it within 30 s
 
     figures.update(
@@ -220,19 +244,23 @@ def test_two_runs_backfill_every_partition_once_then_the_swap_follows(
 
 def test_backfill_run_log_reports_progress_and_eta(make_settings, seed_table, monkeypatch):
     """The run log a user watches in the UI says how far the backfill is and when it will end."""
-    from bge_pipeline import backfill
-    from bge_pipeline.assets.backfill import embedding_batches
-    from bge_pipeline.assets.column import staging_embedding_column
-    from bge_pipeline.resources import build_resources
+    from bge_pipeline.core import backfill
+    from bge_pipeline.defs.assets.column import staging_embedding_column
+    from bge_pipeline.defs.assets.embeddings import build_embedding_batches
+    from bge_pipeline.defs.resources import build_resources
 
+    embedding_batches = build_embedding_batches(2)
     monkeypatch.setattr(backfill, "PROGRESS_LOG_SECONDS", 0.0)  # every encoder chunk, not every 10 s
     seed_table(rows=24)
     resources = build_resources(make_settings(backfill_batch_rows=8, backfill_partitions=2), from_environment=False)
     with dg.DagsterInstance.ephemeral() as instance:
         assert dg.materialize([staging_embedding_column], resources=resources, instance=instance).success
         result = dg.materialize(
-            [staging_embedding_column, embedding_batches], selection=[embedding_batches],
-            resources=resources, instance=instance, partition_key="0",
+            [staging_embedding_column, embedding_batches],
+            selection=[embedding_batches],
+            resources=resources,
+            instance=instance,
+            partition_key="0",
         )
         assert result.success
         messages = [event.user_message for event in instance.all_logs(result.run_id)]

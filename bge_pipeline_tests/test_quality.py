@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from pgvector.psycopg import register_vector
 
-from bge_pipeline import quality, sql
-from bge_pipeline.corpus import Segment
+from bge_pipeline.core import sql
+from bge_pipeline.core.corpus import Segment
+from bge_pipeline.defs import quality_checks as quality
+from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS
 from bge_pipeline_tests.test_search import MigratedTable, shared_migrated_table
 
 
@@ -23,11 +25,12 @@ def _evaluation(result: dg.ExecuteInJobResult, name: str) -> dg.AssetCheckEvalua
     return next(e for e in result.get_asset_check_evaluations() if e.check_name == name)
 
 
-def _run_checks(table: MigratedTable, *checks: dg.AssetChecksDefinition, run_config: dict | None = None) -> dg.ExecuteInJobResult:
-    from bge_pipeline.definitions import defs
+def _run_checks(
+    table: MigratedTable, *checks: dg.AssetChecksDefinition, run_config: dict | None = None
+) -> dg.ExecuteInJobResult:
 
     return dg.materialize(
-        [*defs.assets, *defs.asset_checks],  # type: ignore[list-item]
+        ALL_ASSETS_AND_CHECKS,
         selection=dg.AssetSelection.checks(*checks),
         resources=table.resources(),
         run_config=run_config,
@@ -74,23 +77,26 @@ def test_agreement_passes_with_a_note_when_no_old_vectors_remain(
     database_url: str, minilm_path: str, connect: Any
 ) -> None:
     # A table whose only vectors are the configured model's, with no backup of older ones: nothing to compare.
-    from bge_pipeline.resources import build_resources
-    from bge_pipeline.settings import Settings
+    from bge_pipeline.core.settings import Settings
+    from bge_pipeline.defs.resources import build_resources
 
-    settings = Settings.from_mapping({"DATABASE_URL": database_url, "EMBEDDING_MODEL": minilm_path, "EMBEDDING_DEVICE": "cpu"})
+    settings = Settings.from_mapping(
+        {"DATABASE_URL": database_url, "EMBEDDING_MODEL": minilm_path, "EMBEDDING_DEVICE": "cpu"}
+    )
     resources = build_resources(settings, from_environment=False)
-    resources["database"].ensure_pgvector()
+    resources["database"].get().ensure_pgvector()
     vectors = np.random.default_rng(0).standard_normal((30, 384)).astype(np.float32)
     with connect() as conn:
         register_vector(conn)
         conn.execute("CREATE TABLE segments (id bigint PRIMARY KEY, text text, embedding vector(384))")
         for i, vector in enumerate(vectors):
-            conn.execute("INSERT INTO segments VALUES (%s, %s, %s)", (i, f"segment {i}", vector / np.linalg.norm(vector)))
+            conn.execute(
+                "INSERT INTO segments VALUES (%s, %s, %s)", (i, f"segment {i}", vector / np.linalg.norm(vector))
+            )
         conn.execute(sql.UPSERT_MODEL, ("public", "segments", "embedding", minilm_path, 384))
-    from bge_pipeline.definitions import defs
 
     result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],  # type: ignore[list-item]
+        ALL_ASSETS_AND_CHECKS,
         selection=dg.AssetSelection.checks(quality.old_new_agreement),
         resources=resources,
     )

@@ -11,11 +11,12 @@ import psycopg
 import pytest
 
 from bge_pipeline import search_segments
-from bge_pipeline.corpus import Segment, create_seed_table
-from bge_pipeline.resources import build_resources
-from bge_pipeline.search import SearchError, run_search
-from bge_pipeline.settings import Settings
+from bge_pipeline.core.corpus import Segment, create_seed_table
+from bge_pipeline.core.search import SearchError, run_search
+from bge_pipeline.core.settings import Settings
+from bge_pipeline.defs.resources import build_resources
 from bge_pipeline_tests.faultkit import plain, with_database
+from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS
 
 TABLE_ROWS = 300
 _numbers = itertools.count()
@@ -52,7 +53,6 @@ def migrate_table(
     server_url: str, minilm_path: str, segments: list[Segment], rows: int = TABLE_ROWS, **overrides: Any
 ) -> MigratedTable:
     """A fresh database holding the guide's starting table, migrated to MiniLM the way the demo does it."""
-    from bge_pipeline.definitions import defs
 
     name = f"search_{os.getpid()}_{next(_numbers)}"
     with psycopg.connect(plain(server_url), autocommit=True) as conn:
@@ -63,7 +63,7 @@ def migrate_table(
         create_seed_table(conn, chosen)
     table = MigratedTable(url, minilm_path, chosen, result=None)  # type: ignore[arg-type]
     table.result = dg.materialize(
-        [*defs.assets, *defs.asset_checks],  # type: ignore[list-item]
+        ALL_ASSETS_AND_CHECKS,
         selection="embeddings*",
         resources=table.resources(**overrides),
     )
@@ -172,10 +172,14 @@ def test_search_reports_how_it_searched(migrated: MigratedTable) -> None:
 def test_cli_search_prints_a_ranked_table(
     migrated: MigratedTable, monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bge_pipeline.cli import main
+    from bge_pipeline.cli.main import main
 
     monkeypatch.chdir(tmp_path)  # no stray .env
-    for key, value in {"DATABASE_URL": migrated.url, "EMBEDDING_MODEL": migrated.minilm_path, "EMBEDDING_DEVICE": "cpu"}.items():
+    for key, value in {
+        "DATABASE_URL": migrated.url,
+        "EMBEDDING_MODEL": migrated.minilm_path,
+        "EMBEDDING_DEVICE": "cpu",
+    }.items():
         monkeypatch.setenv(key, value)
     assert main(["search", "the public debt", "--top-k", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

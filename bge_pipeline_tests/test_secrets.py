@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from dagster._serdes import serialize_value
 
-from bge_pipeline.corpus import create_seed_table
+from bge_pipeline.core.corpus import create_seed_table
 from bge_pipeline_tests.faultkit import (
     cli_environment,
     migrate,
@@ -20,6 +20,7 @@ from bge_pipeline_tests.faultkit import (
     start_cli,
     throwaway_server,
 )
+from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS
 
 pytestmark = pytest.mark.pgvector
 
@@ -71,7 +72,11 @@ def event_log_text(instance: dg.DagsterInstance) -> str:
 
 
 def test_password_never_leaves_the_connection(
-    password_server: tuple[str, str], minilm_path: str, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    password_server: tuple[str, str],
+    minilm_path: str,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     good, bad = password_server
     secrets = (PASSWORD, WRONG_PASSWORD)
@@ -103,7 +108,10 @@ def test_password_never_leaves_the_connection(
         errors: list[str] = []
         result = migrate(settings_for(good, minilm_path), instance=instance)
         assert result.success
-        metadata = [str(event.event_specific_data.materialization.metadata) for event in result.get_asset_materialization_events()]
+        metadata = [
+            str(event.event_specific_data.materialization.metadata)
+            for event in result.get_asset_materialization_events()
+        ]
         for overrides in ({"EMBEDDING_TABLE": "no_such_table"}, {"DATABASE_URL": bad}):
             try:
                 migrate(settings_for(good, minilm_path, **overrides), instance=instance)
@@ -113,17 +121,19 @@ def test_password_never_leaves_the_connection(
             assert not failed.success
             errors += [str(event) for event in failed.all_events]
         monkeypatch.setenv("DATABASE_URL", good)
-        from bge_pipeline.definitions import defs
-        from bge_pipeline.resources import build_resources
+        from bge_pipeline.defs.resources import build_resources
 
         env_result = dg.materialize(
-            [*defs.assets, *defs.asset_checks],  # type: ignore[list-item]
+            ALL_ASSETS_AND_CHECKS,
             selection="embeddings*",
             resources=build_resources(settings_for(good, minilm_path), from_environment=True),
             instance=instance,
         )
         assert env_result.success
-        metadata += [str(event.event_specific_data.materialization.metadata) for event in env_result.get_asset_materialization_events()]
+        metadata += [
+            str(event.event_specific_data.materialization.metadata)
+            for event in env_result.get_asset_materialization_events()
+        ]
         stored = event_log_text(instance)
     assert len(errors) >= 4
     assert "no_such_table" in "".join(errors) and "password authentication failed" in "".join(errors)
@@ -139,5 +149,9 @@ def test_password_never_leaves_the_connection(
     leaks += files_containing(home, secrets) + files_containing(local, secrets) + files_containing(workdir, secrets)
     assert not leaks, leaks
     assert list(home.rglob("*.db")) or list(home.rglob("*")), "DAGSTER_HOME stayed empty: nothing was searched"
-    assert "bge_user:***@" in places["CLI output"] or "***" in stored, "the redacted URL never appeared: was the run logged?"
-    print(f"searched {sum(len(text) for text in places.values()):,} characters and {sum(1 for _ in home.rglob('*'))} files")
+    assert "bge_user:***@" in places["CLI output"] or "***" in stored, (
+        "the redacted URL never appeared: was the run logged?"
+    )
+    print(
+        f"searched {sum(len(text) for text in places.values()):,} characters and {sum(1 for _ in home.rglob('*'))} files"
+    )

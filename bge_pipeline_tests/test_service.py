@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bge_pipeline import EmbeddingsService
-from bge_pipeline.resources import build_resources
+from bge_pipeline.defs.resources import build_resources
 
 
 @pytest.fixture

@@ -1,12 +1,16 @@
 """The guide's `.env` settings: its defaults, its names, and a one-line error naming any bad value."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from bge_pipeline.database import DatabaseResource, redact
-from bge_pipeline.resources import build_resources
-from bge_pipeline.settings import BGE_QUERY_PREFIX, Settings, SettingsError
+from bge_pipeline.core.database import Database, redact
+from bge_pipeline.core.settings import BGE_QUERY_PREFIX, Settings, SettingsError
+from bge_pipeline.defs.resources import build_resources
+from bge_pipeline_tests.faultkit import cli_environment
+from bge_pipeline_tests.helpers import columns
 
 
 def test_defaults_are_the_guides() -> None:
@@ -67,10 +71,40 @@ def test_password_never_shown() -> None:
     settings = Settings.from_mapping({"DATABASE_URL": url})
     assert "S3cr3t" not in repr(settings)
     assert "S3cr3t" not in redact(url)
-    assert "S3cr3t" not in DatabaseResource(database_url=url).description
+    assert "S3cr3t" not in Database(database_url=url).description
 
 
 def test_resources_take_the_database_url_from_the_environment_by_name() -> None:
     """The UI shows resource config; an EnvVar shows the variable's name, never the password."""
     resources = build_resources(Settings.from_mapping({"DATABASE_URL": "postgresql://a:S3cr3t@h/db"}))
     assert "S3cr3t" not in repr(resources["database"].database_url)
+
+
+@pytest.mark.pgvector
+def test_the_shell_wins_over_dotenv_through_the_dagster_cli(database_url, minilm_path, seed_table, tmp_path, connect):
+    """Dagster's CLI writes `.env` into the environment over the shell's values; the settings take the shell's back,
+    as `bge-pipeline` does: `EMBEDDING_TABLE=notes dagster asset materialize` works on `notes`."""
+    seed_table(rows=5, table="notes")
+    (tmp_path / ".env").write_text("EMBEDDING_TABLE=articles\nBACKFILL_MAX_RETRIES=2\n")  # no table `articles`
+    env = cli_environment(database_url, minilm_path, EMBEDDING_TABLE="notes")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "bge_pipeline",
+            "--select",
+            "staging_embedding_column",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with connect() as conn:
+        assert "embedding_384" in columns(conn, "notes")

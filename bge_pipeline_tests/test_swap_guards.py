@@ -9,10 +9,10 @@ from typing import Any, Callable
 import psycopg
 import pytest
 
-from bge_pipeline.catalog import MigrationError
-from bge_pipeline.encoder import shared_encoder
-from bge_pipeline.migration import MigrationResource, swap_columns
-from bge_pipeline.resources import build_resources
+from bge_pipeline.core.catalog import MigrationError
+from bge_pipeline.core.database import Database
+from bge_pipeline.core.encoder import shared_encoder
+from bge_pipeline.core.migration import MigrationTarget, swap_columns
 from bge_pipeline_tests.faultkit import DIMENSIONS, column_types, migrate, plain, settings_for, snapshot
 
 pytestmark = pytest.mark.pgvector
@@ -21,9 +21,9 @@ STAGING = f"embedding_{DIMENSIONS}"
 log = logging.getLogger(__name__)
 
 
-def _resources(url: str, minilm_path: str, **overrides: Any) -> tuple[Any, MigrationResource]:
-    resources = build_resources(settings_for(url, minilm_path, **overrides), from_environment=False)
-    return resources["database"], resources["migration"]
+def _resources(url: str, minilm_path: str, **overrides: Any) -> tuple[Database, MigrationTarget]:
+    settings = settings_for(url, minilm_path, **overrides)
+    return Database.from_settings(settings), MigrationTarget.from_settings(settings)
 
 
 def _live_table(conn: psycopg.Connection) -> tuple[Any, Any]:
@@ -50,7 +50,9 @@ def test_swap_refused_while_a_row_lacks_its_vector(
     settings = settings_for(url, minilm_path)
     assert migrate(settings, selection="staging_embedding_column").success
     with connect() as conn:
-        conn.execute(f"CREATE TRIGGER keep_row_unembedded BEFORE UPDATE OF {STAGING} ON segments FOR EACH ROW EXECUTE FUNCTION keep_row_unembedded()")
+        conn.execute(
+            f"CREATE TRIGGER keep_row_unembedded BEFORE UPDATE OF {STAGING} ON segments FOR EACH ROW EXECUTE FUNCTION keep_row_unembedded()"
+        )
     result = migrate(settings, raise_on_error=False)
     assert not result.success
     checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
@@ -67,7 +69,9 @@ def test_swap_refused_while_a_row_lacks_its_vector(
     with pytest.raises(MigrationError) as refusal:
         swap_columns(db, migration, shared_encoder(minilm_path, DIMENSIONS, "cpu"), log)
     message = str(refusal.value)
-    assert "\n" not in message and "Swap refused: 1 rows of segments have text but no vector in embedding_384" in message
+    assert (
+        "\n" not in message and "Swap refused: 1 rows of segments have text but no vector in embedding_384" in message
+    )
     with connect() as conn:
         columns, checksum = _live_table(conn)
         assert columns["embedding"] == "vector(1536)"
@@ -108,7 +112,11 @@ def test_swap_refused_while_vectors_of_another_dimension_exist(
 
 
 def test_swap_refused_while_the_staging_column_belongs_to_another_model(
-    database_url: str, connect: Callable[[], psycopg.Connection], seed_table: Callable[..., Any], minilm_path: str, tmp_path: Any
+    database_url: str,
+    connect: Callable[[], psycopg.Connection],
+    seed_table: Callable[..., Any],
+    minilm_path: str,
+    tmp_path: Any,
 ) -> None:
     """The staging column was filled by the model at one path; EMBEDDING_MODEL now names another (the same weights
     through a symlink, so it loads): the run refuses before anything is written, naming both models."""

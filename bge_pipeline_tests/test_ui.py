@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from bge_pipeline import dev
+from bge_pipeline_tests import webserver
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,7 +32,9 @@ def ui():
     return _screenshots_module()
 
 
-def test_asset_graph_and_checks_show_a_finished_migration(ui, make_settings, database_url, minilm_path, seed_table, tmp_path):
+def test_asset_graph_and_checks_show_a_finished_migration(
+    ui, make_settings, database_url, minilm_path, seed_table, tmp_path
+):
     seed_table(rows=30)
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -41,10 +43,12 @@ def test_asset_graph_and_checks_show_a_finished_migration(ui, make_settings, dat
         ui.migrate(make_settings(), instance, partitions=False)
 
     settings_env = {"DATABASE_URL": database_url, "EMBEDDING_MODEL": minilm_path, "EMBEDDING_DEVICE": "cpu"}
-    port = dev.free_port()
+    port = webserver.free_port()
     shots = tmp_path / "screenshots"
     env = ui.webserver_env(settings_env, home)
-    with dev.running_webserver(ui.webserver_command(port), env, tmp_path, port, tmp_path / "webserver.log") as base_url:
+    with webserver.running_webserver(
+        ui.webserver_command(port), env, tmp_path, port, tmp_path / "webserver.log"
+    ) as base_url:
         with ui.chromium(tmp_path / "chromium") as browser:
             seen = ui.capture(browser, base_url, shots)
 

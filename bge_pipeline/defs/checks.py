@@ -1,0 +1,135 @@
+"""Asset checks: dimensions, NULL counts and the index, each with its figures as metadata."""
+
+from typing import Optional
+
+import dagster as dg
+
+from bge_pipeline.core import sql
+from bge_pipeline.core.catalog import MigrationError, TableState
+from bge_pipeline.core.migration import MigrationTarget
+from bge_pipeline.defs.assets.embeddings import embeddings
+from bge_pipeline.defs.assets.index import embedding_index
+from bge_pipeline.defs.assets.swap import live_embedding_column
+from bge_pipeline.defs.resources import DatabaseResource, MigrationResource
+
+
+def _model_column(database: DatabaseResource, target: MigrationTarget) -> tuple[TableState, Optional[str]]:
+    with database.get().connect() as conn:
+        state = target.read_state(conn)
+    try:
+        return state, target.writable_column(state)
+    except MigrationError:
+        return state, None
+
+
+def _no_column(target: MigrationTarget) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=False,
+        description=f"{target.table} has no column holding {target.model} vectors",
+        metadata={"model": dg.MetadataValue.text(target.model)},
+    )
+
+
+@dg.asset_check(
+    asset=embeddings,
+    description="The column is vector(EMBEDDING_DIMENSIONS) and every stored vector has that many components.",
+)
+def embedding_dimensions(database: DatabaseResource, migration: MigrationResource) -> dg.AssetCheckResult:
+    target = migration.target()
+    state, column = _model_column(database, target)
+    if column is None:
+        return _no_column(target)
+    with database.get().connect() as conn:
+        wrong = conn.execute(sql.count_wrong_dimensions(state.table, column), (target.dimensions,)).fetchone()[0]
+    declared = state.columns[column].vector_dimensions
+    return dg.AssetCheckResult(
+        passed=declared == target.dimensions and wrong == 0,
+        metadata={
+            "column": dg.MetadataValue.text(column),
+            "declared_dimensions": dg.MetadataValue.int(declared or 0),
+            "expected_dimensions": dg.MetadataValue.int(target.dimensions),
+            "vectors_with_wrong_dimensions": dg.MetadataValue.int(wrong),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=embeddings,
+    blocking=True,
+    description="No row with text lacks a vector: the swap waits for this.",
+)
+def embedding_null_count(database: DatabaseResource, migration: MigrationResource) -> dg.AssetCheckResult:
+    target = migration.target()
+    state, column = _model_column(database, target)
+    if column is None:
+        return _no_column(target)
+    with database.get().connect() as conn:
+        total, with_text, missing, null_text = conn.execute(sql.count_rows(state.table, column)).fetchone()
+    return dg.AssetCheckResult(
+        passed=missing == 0,
+        description=None if missing == 0 else f"{missing} rows with text have no vector in {column}",
+        metadata={
+            "column": dg.MetadataValue.text(column),
+            "rows_total": dg.MetadataValue.int(total),
+            "rows_with_text": dg.MetadataValue.int(with_text),
+            "rows_missing_vector": dg.MetadataValue.int(missing),
+            "rows_null_text": dg.MetadataValue.int(null_text),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=embedding_index,
+    blocking=True,
+    description="The IVFFLAT index exists, is valid and uses vector_cosine_ops, the operator class of `<=>`.",
+)
+def embedding_index_usable(database: DatabaseResource, migration: MigrationResource) -> dg.AssetCheckResult:
+    target = migration.target()
+    state, column = _model_column(database, target)
+    if column is None:
+        return _no_column(target)
+    name = state.table.index_name(column)
+    index = state.index(name)
+    return dg.AssetCheckResult(
+        passed=bool(index and index.serves(column)),
+        metadata={
+            "index": dg.MetadataValue.text(name),
+            "exists": dg.MetadataValue.bool(index is not None),
+            "valid": dg.MetadataValue.bool(bool(index and index.valid)),
+            "method": dg.MetadataValue.text(index.method if index else "-"),
+            "operator_class": dg.MetadataValue.text(index.opclass if index else "-"),
+            "lists": dg.MetadataValue.int((index.lists or 0) if index else 0),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=live_embedding_column,
+    description="After the swap, `embedding` holds the configured model's vectors at its dimension, with its index.",
+)
+def live_embedding_model(database: DatabaseResource, migration: MigrationResource) -> dg.AssetCheckResult:
+    target = migration.target()
+    with database.get().connect() as conn:
+        state = target.read_state(conn)
+    live = state.table.live_column
+    recorded = state.models.get(live)
+    column = state.columns.get(live)
+    index = state.index(state.table.index_name(live))
+    passed = (
+        recorded is not None
+        and recorded.model == target.model
+        and column is not None
+        and column.vector_dimensions == target.dimensions
+        and not state.has(state.table.staging_column)
+        and index is not None
+        and index.valid
+    )
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={
+            "recorded_model": dg.MetadataValue.text(recorded.model if recorded else "-"),
+            "declared_dimensions": dg.MetadataValue.int((column.vector_dimensions or 0) if column else 0),
+            "staging_column_left": dg.MetadataValue.bool(state.has(state.table.staging_column)),
+            "index_valid": dg.MetadataValue.bool(bool(index and index.valid)),
+        },
+    )
