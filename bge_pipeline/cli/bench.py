@@ -602,9 +602,9 @@ def _measure_write(
     from psycopg import sql as psql
 
     _reset_column(db, table, column)
-    per_row = psql.SQL("UPDATE {t} SET {c} = %s WHERE {id} = %s AND {c} IS NULL AND md5({text}) = %s").format(
-        t=table.ident, c=psql.Identifier(column), id=table.id, text=table.text
-    )
+    per_row = psql.SQL(
+        "UPDATE {t} SET {c} = %s WHERE {id} = %s AND {c} IS NULL AND md5(convert_to({text}, 'UTF8')) = %s"
+    ).format(t=table.ident, c=psql.Identifier(column), id=table.id, text=table.text)
     written = 0
     started = time.perf_counter()
     for start in range(0, len(ids), batch_rows):

@@ -18,6 +18,10 @@ from bge_pipeline.core.migration import MigrationTarget
 from bge_pipeline.core.settings import DOTENV_FILE, Settings
 from bge_pipeline.core.verification import verify
 
+# Dagster's run tags for a run over a range of partitions (what a backfill of the range sets).
+PARTITION_RANGE_START = "dagster/asset_partition_range_start"
+PARTITION_RANGE_END = "dagster/asset_partition_range_end"
+
 
 def register_command(commands: argparse._SubParsersAction) -> None:
     """`bge-pipeline demo`."""
@@ -32,8 +36,10 @@ def register_command(commands: argparse._SubParsersAction) -> None:
 
 def run_demo(settings: Settings, rows: int = 1000, force: bool = False, verbose: bool = False) -> int:
     """Seed `segments` (1536-dim old vectors, the guide's index), run `embeddings*`, print the verification."""
-    import dagster as dg  # only here: the other commands start without Dagster
+    # Only here: the other commands start without Dagster.
+    import dagster as dg
 
+    from bge_pipeline.defs.assets.embeddings import backfill_partitions
     from bge_pipeline.defs.definitions import build_definitions
 
     settings = demo_settings(settings)
@@ -55,23 +61,35 @@ def run_demo(settings: Settings, rows: int = 1000, force: bool = False, verbose:
 
     defs = build_definitions(settings, from_environment=False)
     storage = storage_environment(settings)
+    partitions = backfill_partitions(settings.backfill_partitions).get_partition_keys()
+    # The guide's step-by-step option, recorded in the instance `bge-pipeline dev` and `dagster dev` show, so the UI
+    # afterwards has every asset materialized: Phase 1, every backfill partition in one run, then `embeddings*`.
+    steps = [
+        ("staging_embedding_column", {}),
+        ("embedding_batches", {PARTITION_RANGE_START: partitions[0], PARTITION_RANGE_END: partitions[-1]}),
+        ("embeddings*", {}),
+    ]
     started = time.perf_counter()
-    # The instance `bge-pipeline dev` and `dagster dev` show, so the UI afterwards has this run in its history.
+    results = {}
     with dagster_instance(storage) as instance:
-        result = dg.materialize(
-            [*defs.assets, *defs.asset_checks],  # type: ignore[misc]
-            selection="embeddings*",
-            resources=defs.resources,
-            instance=instance,
-            run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "ERROR"}}}},
-            raise_on_error=False,
-        )
+        for selection, tags in steps:
+            results[selection] = result = dg.materialize(
+                [*defs.assets, *defs.asset_checks],  # type: ignore[misc]
+                selection=selection,
+                resources=defs.resources,
+                instance=instance,
+                tags=tags,
+                run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "ERROR"}}}},
+                raise_on_error=False,
+            )
+            if not result.success:
+                break
     seconds = time.perf_counter() - started
     if not result.success:
         failure = next((event.event_specific_data.error for event in result.all_events if event.is_step_failure), None)
         print(f"The migration run failed: {failure.message.strip() if failure else 'see --verbose'}")
         return 1
-    embedded = result.asset_materializations_for_node("embeddings")[0].metadata
+    embedded = results["embedding_batches"].asset_materializations_for_node("embedding_batches")[0].metadata
     print(
         f"Migrated in {seconds:.1f}s through Dagster: {embedded['rows_embedded'].value:,} rows embedded at "
         f"{embedded['rows_per_second'].value:,.1f} rows/s on {embedded['device'].value} "

@@ -39,7 +39,8 @@ class Batch:
 
     @property
     def hashes(self) -> list[str]:
-        # Postgres' md5(text) of a UTF-8 database: the write only lands if the text is still the one encoded.
+        # md5 of the text's UTF-8 bytes, as the write computes it (convert_to): the write only lands if the text is
+        # still the one encoded, whatever the database's encoding (md5(text) hashes the server's own bytes).
         return [hashlib.md5(text.encode("utf-8")).hexdigest() for text in self.texts]
 
     @property

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 
 def bundled_binary(name: str) -> Optional[str]:
@@ -37,6 +37,13 @@ def libpq_environment(url: str) -> dict[str, str]:
     return {key: value for key, value in env.items() if value}
 
 
+def libpq_conninfo(url: str) -> str:
+    """`url` as a libpq URI without its password: every query option (sslmode, sslrootcert, options...) kept."""
+    parsed = make_url(url)
+    bare = URL.create("postgresql", parsed.username, None, parsed.host, parsed.port, parsed.database, parsed.query)
+    return bare.render_as_string(hide_password=False)
+
+
 def dump_table(url: str, schema: str, table: str, out: Optional[Path] = None) -> Path:
     """pg_dump the table (custom format, restorable with pg_restore) and return the file's path."""
     binary = bundled_binary("pg_dump") or shutil.which("pg_dump")
@@ -45,15 +52,15 @@ def dump_table(url: str, schema: str, table: str, out: Optional[Path] = None) ->
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = out or Path(f"backup_before_bge_migration_{table}_{stamp}.dump")
     done = subprocess.run(
-        [binary, "--format=custom", "--no-owner", f"--table={_quoted(schema)}.{_quoted(table)}", f"--file={out}"],
+        [binary, "--format=custom", "--no-owner", f"--table={_quoted(schema)}.{_quoted(table)}", f"--file={out}"]
+        + [f"--dbname={libpq_conninfo(url)}"],
         env={**os.environ, **libpq_environment(url)},
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:
-        raise RuntimeError(
-            f"pg_dump of {schema}.{table} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
-        )
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode
+        raise RuntimeError(f"pg_dump of {schema}.{table} failed: {last}")
     return out
 
 

@@ -110,7 +110,12 @@ def read_table_state(
     )
     # A record for a column that now has other dimensions outlived its column (the table was dropped and made
     # again, or the column retyped): it says nothing about the vectors there now.
-    records = conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall()
+    # Before Phase 1 first ran on this database there is no state table: nothing is recorded yet.
+    records = (
+        conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall()
+        if conn.execute(sql.STATE_TABLE_EXISTS).fetchone()[0]
+        else []
+    )
     models = {
         column: RecordedModel(model, dimensions)
         for column, model, dimensions, kind in records

@@ -21,11 +21,13 @@ OLD_DIMENSIONS = 1536
 
 @dataclass(frozen=True)
 class Segment:
+    """One row of a corpus: only `text` is required of a file; the SOTU corpus carries the rest."""
+
     id: int
-    source: str
-    year: int
-    speaker: str
     text: str
+    source: str = ""
+    year: Optional[int] = None
+    speaker: str = ""
 
 
 def load_segments(path: Optional[Path] = None, limit: Optional[int] = None) -> list[Segment]:
@@ -38,11 +40,23 @@ def load_segments(path: Optional[Path] = None, limit: Optional[int] = None) -> l
         handle = open(path, encoding="utf-8")
     segments = []
     with handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if limit is not None and len(segments) >= limit:
                 break
+            if not line.strip():
+                continue
             row = json.loads(line)
-            segments.append(Segment(row["id"], row["source"], row["year"], row["speaker"], row["text"]))
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f"{path or SAMPLE} line {number}: every row needs a `text` string")
+            segments.append(
+                Segment(
+                    id=row.get("id", number),  # the line number where a file has no ids
+                    text=row["text"],
+                    source=row.get("source", ""),
+                    year=row.get("year"),
+                    speaker=row.get("speaker", ""),
+                )
+            )
     return segments
 
 

@@ -222,11 +222,16 @@ def ensure_index(
         if existing:
             log.info(f"Dropping index {name} ({'invalid' if not existing.valid else 'other parameters'})")
             conn.execute(sql.drop_index(table, name))
-        for statement in sql.INDEX_BUILD_SETTINGS:
-            conn.execute(statement)
         log.info(f"Building IVFFLAT index {name} on {table.name}.{column}: {rows:,} vectors, lists={lists}")
-        with _IndexProgress(db, table, log):
-            conn.execute(sql.create_ivfflat_index(table, column, name, lists))
+        try:
+            for statement in sql.INDEX_BUILD_SETTINGS:
+                conn.execute(statement)
+            with _IndexProgress(db, table, log):
+                conn.execute(sql.create_ivfflat_index(table, column, name, lists))
+        finally:
+            if not conn.closed:
+                for statement in sql.INDEX_BUILD_RESET:
+                    conn.execute(statement)
         conn.execute(sql.analyze(table))
     return IndexResult(column, name, lists, rows, built=True, seconds=time.perf_counter() - started)
 

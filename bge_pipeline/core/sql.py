@@ -273,7 +273,7 @@ def write_batch(table: Table, column: str) -> sql.Composed:
         """
         UPDATE {t} AS t SET {c} = u.v
         FROM unnest(%(ids)b::{id_type}[], %(vectors)b::vector[], %(hashes)b::text[]) AS u(id, v, h)
-        WHERE t.{id} = u.id AND t.{c} IS NULL AND md5(t.{text}) = u.h
+        WHERE t.{id} = u.id AND t.{c} IS NULL AND md5(convert_to(t.{text}, 'UTF8')) = u.h
         """
     ).format(
         t=table.ident,
@@ -332,6 +332,8 @@ INDEX_BUILD_SETTINGS = [
     sql.SQL("SET maintenance_work_mem = '1GB'"),
     sql.SQL("SET max_parallel_maintenance_workers = 4"),
 ]
+# The build's connection goes back to the pool: its session settings must not go with it.
+INDEX_BUILD_RESET = [sql.SQL("RESET maintenance_work_mem"), sql.SQL("RESET max_parallel_maintenance_workers")]
 
 # --- phase 3: the swap ----------------------------------------------------------------------------------
 
@@ -457,14 +459,6 @@ def neighbour_ids(schema: str, relation: str, id_column: str, column: str) -> sq
 
 
 # --- the guide's verification queries -------------------------------------------------------------------
-
-VERIFY_COLUMN = sql.SQL(
-    """
-    SELECT column_name, data_type, udt_name
-    FROM information_schema.columns
-    WHERE table_schema = %s AND table_name = %s AND column_name = %s
-    """
-)
 
 
 def verify_counts(table: Table, column: str) -> sql.Composed:

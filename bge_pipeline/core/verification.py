@@ -1,77 +1,118 @@
-"""The guide's verification, as figures: column type, populated/missing counts, the model and the index."""
+"""The guide's verification, as figures: which phase the table is in, with the facts that matter in that phase."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from bge_pipeline.core import sql
+from bge_pipeline.core.catalog import Index, MigrationError, TableState
 from bge_pipeline.core.database import Database
 from bge_pipeline.core.migration import MigrationTarget
+
+NOT_STARTED = "not started"
+BACKFILLING = "phase 2: backfilling"
+READY_TO_SWAP = "phase 2 done: ready to swap"
+SWAPPED = "phase 3 done: swapped"
+OTHER_MODEL = "staging column of another model"
+
+
+@dataclass
+class ColumnFacts:
+    """One vector column as the guide's queries see it."""
+
+    column: str
+    declared_type: Optional[str]
+    recorded_model: Optional[str]
+    rows_with_text: int
+    populated: int
+    missing: int
+    index: Optional[str]
+    index_method: Optional[str]
+    index_operator_class: Optional[str]
+    index_lists: Optional[int]
+
+    def lines(self, label: str) -> list[str]:
+        index = (
+            f"{self.index} ({self.index_method}, {self.index_operator_class}, lists={self.index_lists})"
+            if self.index
+            else "none"
+        )
+        return [
+            f"{label:<15} {self.column} {self.declared_type or '(missing)'}, model {self.recorded_model or 'not recorded'}",
+            f"{'':<15} rows with text {self.rows_with_text:,}: populated {self.populated:,}, missing {self.missing:,}",
+            f"{'':<15} index {index}",
+        ]
 
 
 @dataclass
 class Verification:
-    column: str
-    data_type: Optional[str]
-    declared_type: Optional[str]
-    recorded_model: Optional[str]
-    total: int
-    populated: int
-    missing: int
-    staging_column_left: bool
-    index: Optional[str]
-    index_operator_class: Optional[str]
-    index_lists: Optional[int]
+    phase: str
+    model: str
+    live: Optional[ColumnFacts]
+    staging: Optional[ColumnFacts]
 
     @property
     def complete(self) -> bool:
+        live = self.live
         return (
-            self.missing == 0
-            and not self.staging_column_left
-            and self.declared_type is not None
-            and self.index_operator_class == sql.INDEX_OPCLASS
+            self.phase == SWAPPED
+            and live is not None
+            and live.missing == 0
+            and live.index_operator_class == sql.INDEX_OPCLASS
         )
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "complete": self.complete}
 
     def lines(self) -> list[str]:
-        return [
-            f"column          {self.column} | {self.data_type} ({self.declared_type})",
-            f"model           {self.recorded_model}",
-            f"rows with text  total={self.total:,} populated={self.populated:,} missing={self.missing:,}",
-            f"staging column  {'still present' if self.staging_column_left else 'gone (swapped)'}",
-            f"index           {self.index} ({self.index_operator_class}, lists={self.index_lists})",
-            f"migration       {'complete' if self.complete else 'NOT complete'}",
-        ]
+        lines = [f"phase           {self.phase} (EMBEDDING_MODEL={self.model})"]
+        if self.live:
+            lines += self.live.lines("live column")
+        if self.staging:
+            lines += self.staging.lines("staging column")
+        return [*lines, f"migration       {'complete' if self.complete else 'NOT complete'}"]
 
 
-def verify(db: Database, migration: MigrationTarget) -> Verification:
-    """Run the guide's verification queries against the live column."""
-    with db.connect() as conn:
-        state = migration.read_state(conn)
-        table = state.table
-        live = table.live_column
-        column_row = conn.execute(sql.VERIFY_COLUMN, (table.schema, table.name, live)).fetchone()
-        if column_row:
-            total, populated, missing = conn.execute(sql.verify_counts(table, live)).fetchone()
-        else:
-            with_text = conn.execute(sql.count_rows(table, table.text_column)).fetchone()[1]
-            total, populated, missing = with_text, 0, with_text
-    recorded = state.models.get(live)
-    index = state.index(table.index_name(live))
-    column = state.columns.get(live)
-    return Verification(
-        column=live,
-        data_type=column_row[1] if column_row else None,
-        declared_type=column.type if column else None,
+def _facts(conn: Any, state: TableState, column: str) -> Optional[ColumnFacts]:
+    table = state.table
+    found = state.columns.get(column)
+    if found is None:
+        return None
+    with_text, populated, missing = conn.execute(sql.verify_counts(table, column)).fetchone()
+    recorded = state.models.get(column)
+    index: Optional[Index] = next(iter(state.indexes_on(column)), None)
+    return ColumnFacts(
+        column=column,
+        declared_type=found.type,
         recorded_model=recorded.model if recorded else None,
-        total=total,
+        rows_with_text=with_text,
         populated=populated,
         missing=missing,
-        staging_column_left=state.has(table.staging_column),
         index=index.name if index else None,
+        index_method=index.method if index else None,
         index_operator_class=index.opclass if index else None,
         index_lists=index.lists if index else None,
     )
+
+
+def verify(db: Database, migration: MigrationTarget) -> Verification:
+    """Run the guide's verification queries on the live column, and on the staging column while there is one."""
+    with db.connect() as conn:
+        state = migration.read_state(conn)
+        table = state.table
+        live = _facts(conn, state, table.live_column)
+        staging = _facts(conn, state, table.staging_column)
+        try:
+            column = migration.writable_column(state)
+        except MigrationError:
+            return Verification(OTHER_MODEL, migration.model, live, staging)
+    if column is None:
+        phase = NOT_STARTED
+    elif column == table.live_column:
+        phase = SWAPPED
+    elif staging is not None and staging.missing == 0:
+        phase = READY_TO_SWAP
+    else:
+        phase = BACKFILLING
+    return Verification(phase, migration.model, live, staging)

@@ -47,13 +47,14 @@ def build_embedding_batches(buckets: int) -> dg.AssetsDefinition:
         encoder: EncoderResource,
         migration: MigrationResource,
     ) -> dg.MaterializeResult:
+        keys = context.partition_keys  # one key, or a range when a run covers several partitions
         column, stats = backfill(
             database.get(),
             migration.target(),
             encoder.get,
-            [int(key) for key in context.partition_keys],
+            [int(key) for key in keys],
             context.log,
-            _observer(context, context.partition_key),
+            _observer(context, keys[0] if len(keys) == 1 else None),
         )
         return dg.MaterializeResult(metadata=backfill_metadata(column, stats, encoder.embedding_model))
 
