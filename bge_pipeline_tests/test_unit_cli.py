@@ -23,7 +23,7 @@ from bge_pipeline.core import database
 from bge_pipeline.core.search import Hit, SearchOutcome, SearchTarget
 from bge_pipeline.core.settings import Settings
 from bge_pipeline.core.sql import Table
-from bge_pipeline.core.verification import Verification
+from bge_pipeline.core.verification import ColumnFacts, Verification
 
 pytestmark = pytest.mark.unit
 
@@ -242,44 +242,47 @@ def test_bench_batch_sizes_list(handlers: list) -> None:
 # --- verify's exit code ---------------------------------------------------------------------------------------
 
 
-def verification(**changes: Any) -> Verification:
-    values: dict = dict(
+def verification(phase: str = "phase 3 done: swapped", **live_changes: Any) -> Verification:
+    live: dict = dict(
         column="embedding",
-        data_type="USER-DEFINED",
         declared_type="vector(384)",
         recorded_model="BAAI/bge-small-en-v1.5",
-        total=1000,
+        rows_with_text=1000,
         populated=1000,
         missing=0,
-        staging_column_left=False,
         index="segments_embedding_ivfflat_idx",
+        index_method="ivfflat",
         index_operator_class="vector_cosine_ops",
         index_lists=100,
     )
-    values.update(changes)
-    return Verification(**values)
+    live.update(live_changes)
+    return Verification(phase, "BAAI/bge-small-en-v1.5", ColumnFacts(**live), None)
 
 
 @pytest.mark.parametrize(
-    ("changes", "code"),
+    ("phase", "changes", "code"),
     [
-        ({}, 0),
-        ({"missing": 1, "populated": 999}, 1),
-        ({"staging_column_left": True}, 1),
-        ({"index_operator_class": "vector_l2_ops"}, 1),
-        ({"index": None, "index_operator_class": None, "index_lists": None}, 1),
+        ("phase 3 done: swapped", {}, 0),
+        ("phase 3 done: swapped", {"missing": 1, "populated": 999}, 1),
+        ("phase 2 done: ready to swap", {}, 1),
+        ("phase 3 done: swapped", {"index_operator_class": "vector_l2_ops"}, 1),
+        (
+            "phase 3 done: swapped",
+            {"index": None, "index_method": None, "index_operator_class": None, "index_lists": None},
+            1,
+        ),
     ],
-    ids=["complete", "rows-missing", "staging-left", "l2-index", "no-index"],
+    ids=["complete", "rows-missing", "not-swapped", "l2-index", "no-index"],
 )
 def test_verify_exits_one_unless_the_migration_is_complete(
-    changes: dict, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    phase: str, changes: dict, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = verification(**changes)
+    result = verification(phase, **changes)
     monkeypatch.setattr(verify, "verify", lambda db, target: result)
     assert main(["verify", "--json"]) == code
     printed = json.loads(capsys.readouterr().out)
     assert printed["complete"] is (code == 0)
-    assert printed["missing"] == result.missing
+    assert printed["phase"] == phase and printed["live"]["missing"] == result.live.missing
 
 
 # --- the search table -------------------------------------------------------------------------------------------
