@@ -329,3 +329,19 @@ def test_verify_names_the_phase_with_its_facts(seed_table, settings, resources) 
     assert (after.phase, after.staging, after.complete) == ("phase 3 done: swapped", None, True)
     assert after.live.declared_type == "vector(384)" and after.live.index_operator_class == "vector_cosine_ops"
     assert "phase           phase 3 done: swapped" in after.lines()[0]
+
+
+def test_identical_texts_are_encoded_once(connect, resources) -> None:
+    """Boilerplate repeated across rows: every row gets a vector, the model sees each distinct text once a batch."""
+    with connect() as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute("CREATE TABLE segments (id bigint PRIMARY KEY, text text, embedding vector(1536))")
+        conn.execute(
+            "INSERT INTO segments (id, text) SELECT g, 'boilerplate header number ' || (g % 10) FROM generate_series(1, 80) g"
+        )
+    result = materialize(resources, "embeddings")
+    assert metadata(result, "embeddings")["rows_embedded"] == 80
+    assert metadata(result, "embeddings")["texts_encoded"] == 10  # one batch (BACKFILL_BATCH_ROWS=100) of 80 rows
+    with connect() as conn:
+        stored = vectors(conn, "embedding_384")
+    assert np.array_equal(stored[1], stored[11]) and not np.array_equal(stored[1], stored[2])

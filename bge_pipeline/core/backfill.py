@@ -70,6 +70,7 @@ class BackfillStats:
     seconds: float = 0.0
     encode_seconds: float = 0.0
     write_seconds: float = 0.0
+    texts_encoded: int = 0  # distinct texts: a batch's identical texts are encoded once
     batch_rows_per_second: list[float] = field(default_factory=list)
     encoder: Optional[Encoder] = None  # None when there was nothing to encode: the model was never loaded
 
@@ -124,6 +125,7 @@ class Backfill:
                     self.stats.encoder = resolve_encoder(self.encoder)
                 encode_started = time.perf_counter()
                 vectors = self.stats.encoder.encode(batch.texts, progress=self._progress.advance)
+                self.stats.texts_encoded += len(set(batch.texts))  # what encode() ran the model on
                 encode_seconds = time.perf_counter() - encode_started
                 self.stats.encode_seconds += encode_seconds
                 if pending_write is not None:

@@ -158,13 +158,20 @@ class Encoder:
         prefix: str = "",
         progress: Optional[ProgressCallback] = None,
     ) -> np.ndarray:
-        """Encode `texts` into an (n, dims) float32 array; on CUDA out-of-memory, halve the batch and go on."""
+        """Encode `texts` into an (n, dims) float32 array; on CUDA out-of-memory, halve the batch and go on.
+
+        Identical texts are encoded once (tables repeat boilerplate, headers, re-ingested documents): the model sees
+        each distinct text, and every copy gets its vector.
+        """
         if not texts:
             return np.zeros((0, self.dimensions), dtype=np.float32)
+        first_of: dict[str, int] = {}
+        copies = np.fromiter((first_of.setdefault(text, len(first_of)) for text in texts), dtype=np.int64)
+        distinct = list(first_of)
         # Longest first, like sentence-transformers does inside one call, so each chunk pads to similar lengths.
-        order = np.argsort([-len(text) for text in texts], kind="stable")
-        ordered = [prefix + texts[i] for i in order]
-        output = np.empty((len(texts), self.dimensions), dtype=np.float32)
+        order = np.argsort([-len(text) for text in distinct], kind="stable")
+        ordered = [prefix + distinct[i] for i in order]
+        output = np.empty((len(distinct), self.dimensions), dtype=np.float32)
         size = batch_size or self.batch_size
         start = 0
         with self._lock:
@@ -187,7 +194,9 @@ class Encoder:
                 start += len(chunk)
                 if progress:
                     progress(len(chunk))
-        return output
+        if progress and len(texts) > len(distinct):
+            progress(len(texts) - len(distinct))
+        return output[copies]
 
     def _shrink_after_oom(self, size: int) -> int:
         import torch

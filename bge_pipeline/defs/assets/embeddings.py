@@ -91,6 +91,7 @@ def backfill_metadata(column: str, stats: BackfillStats, model: str) -> dict[str
     return {
         "column": dg.MetadataValue.text(column),
         "rows_embedded": dg.MetadataValue.int(stats.rows_embedded),
+        "texts_encoded": dg.MetadataValue.int(stats.texts_encoded),
         "rows_skipped_null_text": dg.MetadataValue.int(stats.rows_skipped_null_text),
         "rows_pending_before": dg.MetadataValue.int(stats.rows_pending_before),
         "rows_total": dg.MetadataValue.int(stats.rows_total),
