@@ -19,11 +19,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
+import psycopg
+from psycopg import sql as psql
+from tqdm import tqdm
 
 from bge_pipeline.core import migration as phases
 from bge_pipeline.core import sql
@@ -191,8 +194,6 @@ def measure_encoding(
     encoder: Any, texts: Sequence[str], batch_size: int, progress: bool, label: str = ""
 ) -> dict[str, Any]:
     """Texts/s for one batch size: a warm-up first (kernel selection, allocator), then the timed pass."""
-    from tqdm import tqdm
-
     # Warm-up: a full batch on a GPU (kernel autotuning is per shape), a few texts on a CPU (where a full batch of
     # 256 would double the run's time for nothing).
     warmup = batch_size if encoder.device.startswith("cuda") else min(batch_size, 8)
@@ -454,8 +455,6 @@ def run_pipeline_bench(args: argparse.Namespace, settings: Settings, out: _Outpu
             # 1. Bare encoding: the same texts in the same batches the backfill reads, nothing else.
             encoder.encode(texts[:8])  # warm-up, as the backfill's first batch would pay it
             vectors = np.empty((len(texts), encoder.dimensions), dtype=np.float32)
-            from tqdm import tqdm
-
             with tqdm(
                 total=len(texts), desc="bare encoding", unit="row", disable=not progress, leave=False, file=sys.stderr
             ) as bar:
@@ -553,8 +552,6 @@ def run_pipeline_bench(args: argparse.Namespace, settings: Settings, out: _Outpu
 
 def _repeated(segments: list[Any], rows: int) -> list[Any]:
     """`rows` segments: the corpus again under new ids once it runs out (a 100k-row memory run on a 40k corpus)."""
-    from dataclasses import replace
-
     if not segments or len(segments) >= rows:
         return segments
     step = max(segment.id for segment in segments) + 1
@@ -566,8 +563,6 @@ def _repeated(segments: list[Any], rows: int) -> list[Any]:
 
 def _drop_throwaway_table(db: Database, migration: MigrationTarget) -> None:
     """On a DATABASE_URL server: leave nothing behind but what was there (table, trigger function, model row)."""
-    import psycopg
-
     table = sql.Table(
         migration.schema_name,
         migration.table,
@@ -587,8 +582,6 @@ def _drop_throwaway_table(db: Database, migration: MigrationTarget) -> None:
 
 
 def _reset_column(db: Any, table: Any, column: str) -> None:
-    from psycopg import sql as psql
-
     with db.connect() as conn:
         conn.execute(sql.clear_column(table, column))
     with db.connect(autocommit=True) as conn:
@@ -599,8 +592,6 @@ def _measure_write(
     db: Any, table: Any, column: str, ids: list[Any], texts: list[str], vectors: np.ndarray, batch_rows: int, how: str
 ) -> float:
     """Rows/s writing `vectors` into an all-NULL `column`, one transaction per batch, as the backfill does."""
-    from psycopg import sql as psql
-
     _reset_column(db, table, column)
     per_row = psql.SQL(
         "UPDATE {t} SET {c} = %s WHERE {id} = %s AND {c} IS NULL AND md5(convert_to({text}, 'UTF8')) = %s"

@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 import psycopg
+from pgvector.psycopg import register_vector
 from psycopg import sql
 
 SAMPLE = "sotu_sample.jsonl.gz"
@@ -76,8 +77,6 @@ def create_seed_table(
     old_index: bool = True,
 ) -> None:
     """The guide's starting point: `segments` with `embedding vector(1536)` and its IVFFLAT (vector_l2_ops) index."""
-    from pgvector.psycopg import register_vector
-
     conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     register_vector(conn)
     ident = sql.Identifier(schema, table)

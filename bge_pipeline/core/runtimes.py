@@ -25,10 +25,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from bge_pipeline.core.corpus import load_segments
+from bge_pipeline.core.shape_model import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +216,6 @@ def export_folder(source: str) -> Path:
                 return candidate
             except OSError:  # a read-only folder that os.access() did not catch (root on a read-only mount)
                 pass
-    from bge_pipeline.core.shape_model import default_cache_dir
-
     digest = hashlib.sha1(str(source).encode()).hexdigest()[:16]
     folder = default_cache_dir() / ONNX_DIR / f"{local.name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -223,8 +225,6 @@ def export_folder(source: str) -> Path:
 @lru_cache(maxsize=1)
 def probe_texts() -> list[str]:
     """Texts of every length in the bundled sample, the shortest to the longest: what the agreement is measured on."""
-    from bge_pipeline.core.corpus import load_segments
-
     texts = sorted((segment.text for segment in load_segments(limit=400)), key=len)
     step = max(1, len(texts) // PROBE_TEXTS)
     return texts[::step][: PROBE_TEXTS - 1] + [texts[-1]]
@@ -242,7 +242,6 @@ def torch_vectors(loaded: Any, texts: list[str]) -> np.ndarray:
 
 def _weights_signature(transformer: Any) -> dict[str, Any]:
     """What the export was made from: a changed checkpoint (same folder, new weights) triggers a new export."""
-    from importlib.metadata import PackageNotFoundError, version
 
     def installed(package: str) -> str:
         try:
