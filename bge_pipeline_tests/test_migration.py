@@ -11,7 +11,6 @@ import numpy as np
 import psycopg
 import pytest
 
-from bge_pipeline.core import sql
 from bge_pipeline.core.encoder import shared_encoder
 from bge_pipeline.core.migration import swap_columns
 from bge_pipeline.core.settings import Settings
@@ -42,7 +41,10 @@ def test_embeddings_star_migrates_the_guides_table(seed_table, resources, settin
             "USING ivfflat (embedding vector_cosine_ops) WITH (lists='100')"
         )
         # The guide's verification queries, with the answers it expects.
-        assert conn.execute(sql.VERIFY_COLUMN, ("public", "segments", "embedding")).fetchone()[1] == "USER-DEFINED"
+        assert conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = 'segments' AND column_name = 'embedding'"
+        ).fetchone() == ("embedding", "USER-DEFINED")
         total, populated, missing = conn.execute(
             "SELECT COUNT(*), COUNT(embedding), COUNT(*) - COUNT(embedding) FROM segments WHERE text IS NOT NULL"
         ).fetchone()
