@@ -184,9 +184,12 @@ def test_cli_search_prints_a_ranked_table(
     assert main(["search", "the public debt", "--top-k", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[1].split() == ["rank", "id", "distance", "rerank", "text"]
-    rows = lines[2:]
+    rows, timing = lines[2:-1], lines[-1]
     assert len(rows) == 5
     assert [row.split()[0] for row in rows] == ["1", "2", "3", "4", "5"]
+    # Where the query's time went: process start-up, model load, encoding, the SQL, the reranker.
+    parts = [part.rsplit(" ", 2)[0] for part in timing.removeprefix("time: ").split(", ")]
+    assert parts == ["start-up", "model load", "encode", "SQL", "rerank"]
 
     assert main(["search", "  "]) == 2
     assert "query is empty" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from bge_pipeline.core.catalog import (
     writable_column,
 )
 from bge_pipeline.core.corpus import Segment
-from bge_pipeline.core.encoder import ModelLoadError, default_batch_size, resolve_device
+from bge_pipeline.core.encoder import ModelLoadError, default_batch_size, resolve_device, rows_within_budget
 from bge_pipeline.core.evaluation import build_queries, load_queries, ndcg_at_k, recall_at_k
 from bge_pipeline.core.quality import AnnVersusExact, old_vectors
 from bge_pipeline.core.runtimes import resolve_backend, runtime_installed
@@ -356,3 +356,18 @@ def test_backend_choice() -> None:
     assert resolve_backend("auto", "cuda") == "torch"
     assert resolve_backend("onnx", "cuda:0") == "torch"  # the ONNX runtimes run on a CPU only
     assert resolve_backend("auto", "cpu") == ("onnx" if runtime_installed("onnx") else "torch")
+
+
+@pytest.mark.parametrize(
+    ("lengths", "start", "max_rows", "budget", "rows"),
+    [
+        ([50] * 100, 0, 64, 1024, 20),  # the guide's 64 on a CPU: 20 rows of 50 tokens fill 1,000 tokens
+        ([50] * 100, 0, 16, 1024, 16),  # EMBEDDING_BATCH_SIZE stays the upper bound
+        ([10] * 100, 0, 64, 1024, 64),  # short texts: the whole batch fits
+        ([600, 20, 20], 0, 64, 1024, 1),  # one long text alone (padding 20-token texts to 600 would waste a pass)
+        ([2000, 10], 0, 64, 1024, 1),  # a text past the budget still goes, alone
+        ([50] * 30, 25, 64, 1024, 5),  # the tail
+    ],
+)
+def test_a_cpu_pass_holds_at_most_its_token_budget(lengths, start, max_rows, budget, rows) -> None:
+    assert rows_within_budget(lengths, start, max_rows, budget) == rows

@@ -93,7 +93,12 @@ def run_demo(settings: Settings, rows: int = 1000, force: bool = False, verbose:
     print(
         f"Migrated in {seconds:.1f}s through Dagster: {embedded['rows_embedded'].value:,} rows embedded at "
         f"{embedded['rows_per_second'].value:,.1f} rows/s on {embedded['device'].value} "
-        f"({embedded['backend'].value}, batch size {embedded['batch_size'].value})"
+        f"({embedded['backend'].value}, batch size {embedded['batch_size'].value}"
+        + (
+            f", at most {embedded['tokens_per_pass'].value:,} tokens a pass)"
+            if embedded["tokens_per_pass"].value
+            else ")"
+        )
     )
     for check in result.get_asset_check_evaluations():
         print(f"check {check.check_name:<24} {'passed' if check.passed else 'FAILED'}")

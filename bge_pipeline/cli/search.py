@@ -48,10 +48,14 @@ def format_outcome(outcome: SearchOutcome) -> list[str]:
 
 
 def timing_line(outcome: SearchOutcome, startup_seconds: float) -> str:
-    """Where a query's time went, start-up of this process included."""
+    """Where a query's time went, this process's start-up (Python and imports) included."""
+    timings = outcome.timings
     parts = {
         "start-up": startup_seconds,
-        **{k.removesuffix("_seconds").replace("_", " "): v for k, v in outcome.timings.items()},
+        "model load": timings.get("model_load_seconds", 0.0),
+        "encode": timings["encode_seconds"],
+        "SQL": timings["retrieve_seconds"],
+        "rerank": timings["rerank_seconds"],
     }
     return "time: " + ", ".join(f"{name} {seconds * 1000:,.0f} ms" for name, seconds in parts.items())
 
