@@ -1,5 +1,6 @@
 """The guide's `.env` settings: its defaults, its names, and a one-line error naming any bad value."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 from bge_pipeline.core.database import Database, redact
 from bge_pipeline.core.settings import BGE_QUERY_PREFIX, Settings
 from bge_pipeline.defs.resources import build_resources
+from bge_pipeline_tests import webserver
 from bge_pipeline_tests.faultkit import cli_environment
 from bge_pipeline_tests.helpers import columns
 
@@ -71,3 +73,17 @@ def test_the_shell_wins_over_dotenv_through_the_dagster_cli(database_url, minilm
     assert done.returncode == 0, done.stderr[-2000:]
     with connect() as conn:
         assert "embedding_384" in columns(conn, "notes")
+
+
+def test_dagster_ui_shows_a_bad_setting_as_the_code_locations_load_error(tmp_path) -> None:
+    """`dagster dev` with EMBEDDING_DEVICE=tpu: the UI's code location page carries the setting's one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBEDDING_", "DAGSTER_"))}
+    env.update(EMBEDDING_DEVICE="tpu", DAGSTER_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    port = webserver.free_port()
+    command = [sys.executable, "-m", "dagster_webserver", "-m", "bge_pipeline", "-h", "127.0.0.1", "-p", str(port)]
+    loaded = lambda url: webserver.location_errors(url) is not None  # noqa: E731
+    with webserver.running_webserver(command, env, tmp_path, port, tmp_path / "ui.log", ready=loaded) as base_url:
+        errors = webserver.location_errors(base_url)
+    [message] = errors.values()
+    assert "SettingsError: EMBEDDING_DEVICE='tpu' is not one of auto, cpu, cuda, cuda:N" in message

@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 def free_port() -> int:
@@ -44,11 +44,14 @@ def running_webserver(
     port: int,
     log_path: Path,
     timeout_seconds: float = 240,
+    ready: Optional[Callable[[str], bool]] = None,
 ) -> Iterator[str]:
-    """Run `dagster dev` or `dagster-webserver` in its own process group until the block ends; yields its URL.
+    """Run `dagster dev` or `dagster-webserver` in its own process group until the block ends; yields its URL
+    once `ready(url)` (default: the code location's repository is served).
 
     The group is killed on the way out, so the daemon, code server and runs it started go with it.
     """
+    ready = ready or repository_served
     base_url = f"http://127.0.0.1:{port}"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -60,13 +63,7 @@ def running_webserver(
                 if process.poll() is not None:
                     raise RuntimeError(f"{command[0]} exited with {process.returncode}: see {log_path}")
                 try:
-                    # /server_info answers before the code location has loaded: ask for the repository.
-                    data = graphql(
-                        base_url,
-                        "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }",
-                        timeout_seconds=10,
-                    )
-                    if data["repositoriesOrError"].get("nodes"):
+                    if ready(base_url):
                         break
                 except (urllib.error.URLError, ConnectionError, TimeoutError, RuntimeError, OSError):
                     pass
@@ -78,6 +75,31 @@ def running_webserver(
             yield base_url
         finally:
             _stop_group(process)
+
+
+def repository_served(base_url: str) -> bool:
+    """/server_info answers before the code location has loaded: ask for the repository."""
+    query = "{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name } } } }"
+    return bool(graphql(base_url, query, timeout_seconds=10)["repositoriesOrError"].get("nodes"))
+
+
+LOCATION_ERRORS = """{ workspaceOrError { ... on Workspace { locationEntries {
+    name loadStatus locationOrLoadError { __typename ... on PythonError { message errorChain { error { message } } } }
+} } } }"""
+
+
+def location_errors(base_url: str) -> Optional[dict[str, Optional[str]]]:
+    """Each code location's load error with its causes, as the UI lists them (None where it loaded), once every
+    location has finished loading."""
+    entries = graphql(base_url, LOCATION_ERRORS, timeout_seconds=10)["workspaceOrError"]["locationEntries"]
+    if not entries or any(entry["loadStatus"] != "LOADED" for entry in entries):
+        return None
+    errors: dict[str, Optional[str]] = {}
+    for entry in entries:
+        error = entry["locationOrLoadError"] or {}
+        chain = [error.get("message"), *(link["error"]["message"] for link in error.get("errorChain") or [])]
+        errors[entry["name"]] = "\n".join(m for m in chain if m) or None
+    return errors
 
 
 def _stop_group(process: subprocess.Popen) -> None:
