@@ -172,45 +172,84 @@ class Series:
         return figures
 
 
-def sample_gpu(series: Series) -> Optional[subprocess.Popen]:
-    """GPU 0's utilisation and memory every 0.5 s from nvidia-smi, where there is one."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    process = subprocess.Popen(
-        [
-            "nvidia-smi",
-            "--query-gpu=index,utilization.gpu,memory.used",
-            "--format=csv,noheader,nounits",
-            f"-lms={int(SAMPLE_SECONDS * 1000)}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+class Samplers:
+    """GPU 0's utilisation and memory (nvidia-smi, where there is one), the machine's CPU use, and the database's
+    size on disk with its WAL, sampled in the background and cut into the phases' windows afterwards."""
 
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
+    def __init__(self) -> None:
+        self.gpu = Series(("util_percent", "memory_mib"))
+        self.cpu = Series(("busy_percent",))
+        self.disk = Series(("database_gib", "wal_gib"))
+        self.stopping = threading.Event()
+        self.nvidia_smi: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        if shutil.which("nvidia-smi"):
+            self.nvidia_smi = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=index,utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    f"-lms={int(SAMPLE_SECONDS * 1000)}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            threading.Thread(target=self._read_nvidia_smi, daemon=True).start()
+        threading.Thread(target=self._sample_cpu, daemon=True).start()
+
+    def watch_database(self, url: str) -> None:
+        """The peak on disk is what decides whether a machine can hold the run."""
+        threading.Thread(target=self._sample_disk, args=(url,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.nvidia_smi is not None:
+            self.nvidia_smi.terminate()
+
+    def windows(self, phases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "gpu": self.gpu.window(p["start"], p.get("end", time.time())) if self.nvidia_smi else None,
+                "cpu": self.cpu.window(p["start"], p.get("end", time.time())),
+                "disk": self.disk.window(p["start"], p.get("end", time.time())),
+            }
+            for name, p in phases.items()
+        }
+
+    def write_csv(self, path: Path, origin: float) -> None:
+        lines = ["source,seconds,value,second_value"]
+        lines += [f"gpu,{t - origin:.1f},{util:.0f},{memory:.0f}" for t, util, memory in self.gpu.rows]
+        lines += [f"cpu,{t - origin:.1f},{busy:.1f}," for t, busy in self.cpu.rows]
+        lines += [f"disk,{t - origin:.1f},{db:.2f},{wal:.2f}" for t, db, wal in self.disk.rows]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _read_nvidia_smi(self) -> None:
+        assert self.nvidia_smi is not None and self.nvidia_smi.stdout is not None
+        for line in self.nvidia_smi.stdout:
             parts = [part.strip() for part in line.split(",")]
             if len(parts) == 3 and parts[0] == "0":
                 try:
-                    series.rows.append((time.time(), float(parts[1]), float(parts[2])))
+                    self.gpu.rows.append((time.time(), float(parts[1]), float(parts[2])))
                 except ValueError:
                     continue  # "[N/A]" on some boards
 
-    threading.Thread(target=read, daemon=True).start()
-    return process
-
-
-def sample_cpu(series: Series, stop: threading.Event) -> None:
-    """Whole-machine CPU use: whether the database side (writers, index builds) is what the encoder waits on."""
-
-    def run() -> None:
+    def _sample_cpu(self) -> None:
         psutil.cpu_percent(None)
-        while not stop.wait(SAMPLE_SECONDS):
-            series.rows.append((time.time(), psutil.cpu_percent(None)))
+        while not self.stopping.wait(SAMPLE_SECONDS):
+            self.cpu.rows.append((time.time(), psutil.cpu_percent(None)))
 
-    threading.Thread(target=run, daemon=True).start()
+    def _sample_disk(self, url: str) -> None:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                while not self.stopping.wait(4 * SAMPLE_SECONDS):
+                    database, wal = conn.execute(
+                        "SELECT pg_database_size(current_database()), (SELECT sum(size) FROM pg_ls_waldir())"
+                    ).fetchone()
+                    self.disk.rows.append((time.time(), database / 2**30, wal / 2**30))
+        except psycopg.Error:
+            return  # the server stopped under it: the run is over
 
 
 def machine_facts() -> dict[str, Any]:
@@ -611,10 +650,8 @@ def run_all(runs: list[DagsterRun], report: Report) -> None:
 
 def measure(args: argparse.Namespace, report: Report, run_dir: Path) -> None:
     data = report.data
-    gpu, cpu = Series(("util_percent", "memory_mib")), Series(("busy_percent",))
-    stop_sampling = threading.Event()
-    sampler = sample_gpu(gpu)
-    sample_cpu(cpu, stop_sampling)
+    samplers = Samplers()
+    samplers.start()
     partitions = args.parallel if args.parallel > 1 else Settings().backfill_partitions
     batch_rows = args.batch_rows or Settings().backfill_batch_rows
     data["config"] = {
@@ -640,6 +677,7 @@ def measure(args: argparse.Namespace, report: Report, run_dir: Path) -> None:
     settings = server_settings()
     server, url, folder = start_server(parent, settings)
     data["server"] = {"pgdata": str(folder), "free_gib_at_start": round(free / 2**30, 1), **settings}
+    samplers.watch_database(url)
     try:
         with report.phase("seed") as figures:
             seed(url, segments, args.rows, args.seed_workers or min(8, os.cpu_count() or 2), figures)
@@ -648,7 +686,9 @@ def measure(args: argparse.Namespace, report: Report, run_dir: Path) -> None:
             model = model_folder(args.model, run_dir)
             figures["folder"] = str(model)
         with report.phase("bare_encode") as figures:
-            texts = [segment.text for segment in segments[: args.bare_texts]]
+            # Spread over what the backfill will read (the corpus, or its first `rows` segments), not its start.
+            seen = segments[: args.rows]
+            texts = [segment.text for segment in seen[:: max(1, len(seen) // args.bare_texts)][: args.bare_texts]]
             figures.update(bare_encoding(model, args.device, args.batch_size, batch_rows, texts))
         env = pipeline_environment(url, model, figures["dimensions"], args, partitions)
         migrate(args, report, run_dir, env, partitions)
@@ -657,17 +697,12 @@ def measure(args: argparse.Namespace, report: Report, run_dir: Path) -> None:
         data["final_state"] = final_state(url)
         data["status"] = "complete"
     finally:
-        stop_sampling.set()
-        if sampler is not None:
-            sampler.terminate()
-        data["utilisation"] = {
-            name: {
-                "gpu": gpu.window(p["start"], p.get("end", time.time())) if sampler else None,
-                "cpu": cpu.window(p["start"], p.get("end", time.time())),
-            }
-            for name, p in data["phases"].items()
-        }
-        write_samples(report.out / "gpu_samples.csv", gpu, cpu, report.started)
+        samplers.stop()
+        data["utilisation"] = samplers.windows(data["phases"])
+        if samplers.disk.rows:
+            data["server"]["peak_database_gib"] = round(max(row[1] for row in samplers.disk.rows), 2)
+            data["server"]["peak_wal_gib"] = round(max(row[2] for row in samplers.disk.rows), 2)
+        samplers.write_csv(report.out / "gpu_samples.csv", report.started)
         report.save()
         server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
@@ -746,7 +781,18 @@ def _phases_from_steps(data: dict[str, Any], steps: dict[str, dict[str, Any]], p
     phases["index"] = {**window(["embedding_index"]), **metadata.get("embedding_index", {})}
     phases["swap"] = {**window(["live_embedding_column"]), **metadata.get("live_embedding_column", {})}
     check_keys = [key for key in steps if key not in ASSET_STEPS]
-    phases["checks"] = {**window(check_keys), "steps": {key: steps[key]["seconds"] for key in check_keys}}
+    checks = phases["embeddings_star"]["checks"]
+    phases["checks"] = {
+        **window(check_keys),
+        "steps": {key: steps[key]["seconds"] for key in check_keys},
+        # Each sample of these checks is an exact search, a scan of the whole table: the cost grows with the rows.
+        "seconds_per_sample": {
+            name: round(steps[key]["seconds"] / checks[name]["sampled_rows"], 3)
+            for key in check_keys
+            for name in checks
+            if key.endswith(name) and checks[name].get("sampled_rows")
+        },
+    }
 
 
 def final_state(url: str) -> dict[str, Any]:
@@ -770,13 +816,6 @@ def final_state(url: str) -> dict[str, Any]:
     }
 
 
-def write_samples(path: Path, gpu: Series, cpu: Series, origin: float) -> None:
-    lines = ["source,seconds,value,memory_mib"]
-    lines += [f"gpu,{t - origin:.1f},{util:.0f},{memory:.0f}" for t, util, memory in gpu.rows]
-    lines += [f"cpu,{t - origin:.1f},{busy:.1f}," for t, busy in cpu.rows]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 # --- the summary --------------------------------------------------------------------------------------------------
 
 
@@ -784,7 +823,7 @@ def summary(data: dict[str, Any]) -> list[str]:
     """The figures a reader asks for first, one per line."""
     if "machine" not in data:
         return []
-    phases, config, machine = data["phases"], data["config"], data["machine"]
+    phases, config, machine, server = data["phases"], data["config"], data["machine"], data.get("server", {})
     use = data.get("utilisation", {})
 
     def seconds(name: str) -> str:
@@ -823,7 +862,10 @@ def summary(data: dict[str, Any]) -> list[str]:
         + ", ".join(
             f"{step}={step_seconds}s" for step, step_seconds in phases.get("checks", {}).get("steps", {}).items()
         ),
+        f"                           seconds per sampled row: {phases.get('checks', {}).get('seconds_per_sample')}",
         f"migration total {seconds('migration_total')} s   (outside, seeding excluded, Dagster process starts included)",
+        f"disk            database peak {server.get('peak_database_gib')} GiB, WAL peak {server.get('peak_wal_gib')} "
+        f"GiB, {server.get('database_gib_after')} GiB after; free at start {server.get('free_gib_at_start')} GiB",
     ]
     return lines
 

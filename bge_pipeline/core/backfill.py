@@ -17,7 +17,7 @@ import psycopg
 import sqlalchemy.exc
 
 from bge_pipeline.core import sql
-from bge_pipeline.core.database import Database
+from bge_pipeline.core.database import Database, scalar
 from bge_pipeline.core.encoder import Encoder, EncoderSource, resolve_encoder
 from bge_pipeline.core.sql import Table
 
@@ -49,7 +49,7 @@ class Batch:
 
 
 def write_vectors(
-    conn: psycopg.Connection, table: Table, column: str, batch: Batch, vectors: Sequence[np.ndarray]
+    conn: psycopg.Connection, table: Table, column: str, batch: Batch, vectors: np.ndarray | Sequence[np.ndarray]
 ) -> int:
     """Write one batch's vectors in one statement; returns the rows written (a row whose text changed is not)."""
     conn.execute(sql.WRITE_BY_ID)
@@ -147,7 +147,9 @@ class Backfill:
     def _count(self) -> tuple[int, int, int, int]:
         with self.db.connect() as conn:
             row = conn.execute(sql.count_rows(self.table, self.column, self.partitions, list(self.buckets))).fetchone()
-        return tuple(int(value) for value in row)  # type: ignore[return-value]
+        assert row is not None  # an aggregate returns one row
+        total, with_text, pending, skipped = (int(value) for value in row)
+        return total, with_text, pending, skipped
 
     def _read(self, after: Any, number: int) -> Optional[Batch]:
         statement = sql.select_pending_batch(
@@ -196,7 +198,7 @@ class Backfill:
         a bucket that another run holds waits, then finds nothing left to do."""
         with self.db.connect(autocommit=True) as conn:
             for bucket in sorted(self.buckets):
-                if not conn.execute(sql.ADVISORY_TRY_LOCK, (self.table.lock_key, bucket)).fetchone()[0]:
+                if not scalar(conn, sql.ADVISORY_TRY_LOCK, (self.table.lock_key, bucket)):
                     self.log.info(f"Partition {bucket} is being backfilled by another run: waiting for it")
                     conn.execute(sql.ADVISORY_LOCK, (self.table.lock_key, bucket))
             try:

@@ -8,6 +8,7 @@ from typing import Optional
 import psycopg
 
 from bge_pipeline.core import sql
+from bge_pipeline.core.database import scalar
 from bge_pipeline.core.sql import Table
 
 
@@ -111,11 +112,7 @@ def read_table_state(
     # A record for a column that now has other dimensions outlived its column (the table was dropped and made
     # again, or the column retyped): it says nothing about the vectors there now.
     # Before Phase 1 first ran on this database there is no state table: nothing is recorded yet.
-    records = (
-        conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall()
-        if conn.execute(sql.STATE_TABLE_EXISTS).fetchone()[0]
-        else []
-    )
+    records = conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall() if scalar(conn, sql.STATE_TABLE_EXISTS) else []
     models = {
         column: RecordedModel(model, dimensions)
         for column, model, dimensions, kind in records

@@ -39,7 +39,7 @@ def load_segments(path: Optional[Path] = None, limit: Optional[int] = None) -> l
         handle = gzip.open(path, "rt", encoding="utf-8")
     else:
         handle = open(path, encoding="utf-8")
-    segments = []
+    segments: list[Segment] = []
     with handle:
         for number, line in enumerate(handle, start=1):
             if limit is not None and len(segments) >= limit:

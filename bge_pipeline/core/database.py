@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -20,6 +20,14 @@ from bge_pipeline.core.settings import Settings
 log = logging.getLogger(__name__)
 _embedded_servers: dict[str, object] = {}
 _embedded_lock = threading.Lock()
+
+
+def scalar(conn: psycopg.Connection, statement: Any, params: Any = None) -> Any:
+    """The first column of the one row a count or a test returns."""
+    row = conn.execute(statement, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {statement!r}")
+    return row[0]
 
 
 class PgvectorMissingError(RuntimeError):

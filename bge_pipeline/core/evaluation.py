@@ -21,6 +21,7 @@ import numpy as np
 
 from bge_pipeline.core import sql
 from bge_pipeline.core.corpus import Segment
+from bge_pipeline.core.database import scalar
 from bge_pipeline.core.encoder import ModelLoadError, Reranker, encoder_for, reranker_for
 from bge_pipeline.core.migration import MigrationTarget
 from bge_pipeline.core.quality import ann_versus_exact
@@ -196,7 +197,7 @@ def evaluate(
         target = search_target(conn, MigrationTarget.from_settings(settings))
         relevant = [i for q in queries for i in q.relevant_ids]
         present = {r[0] for r in conn.execute(sql.rows_present(target.table, target.column), (relevant,))}
-        rows = int(conn.execute(sql.count_vectors(target.table, target.column)).fetchone()[0])
+        rows = int(scalar(conn, sql.count_vectors(target.table, target.column)))
     kept = [q for q in queries if set(q.relevant_ids) & present]
     if not kept:
         raise ValueError(

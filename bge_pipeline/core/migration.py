@@ -22,7 +22,7 @@ from bge_pipeline.core.catalog import (
     unfinished_migrations,
     writable_column,
 )
-from bge_pipeline.core.database import Database
+from bge_pipeline.core.database import Database, scalar
 from bge_pipeline.core.encoder import EncoderSource, resolve_encoder
 from bge_pipeline.core.settings import Settings
 from bge_pipeline.core.sql import Table
@@ -117,7 +117,7 @@ def prepare_staging_column(db: Database, migration: MigrationTarget, encoder: En
     """
     with db.connect() as conn:  # a missing table or column is refused before the extension or state table is made
         require_table(conn, migration.schema_name, migration.table, migration.id_column, migration.text_column)
-        recorded = conn.execute(sql.STATE_TABLE_EXISTS).fetchone()[0]
+        recorded = scalar(conn, sql.STATE_TABLE_EXISTS)
         if recorded:  # a state table from before backups had a kind of their own gains it now
             for statement in sql.UPGRADE_STATE_TABLE:
                 conn.execute(statement)
@@ -211,7 +211,7 @@ def ensure_index(
     """Build the IVFFLAT index of `column` unless a valid one with the wanted parameters exists."""
     table = state.table
     with db.connect() as conn:
-        rows = conn.execute(sql.count_vectors(table, column)).fetchone()[0]
+        rows = scalar(conn, sql.count_vectors(table, column))
     name = table.index_name(column)
     lists = ivfflat_lists(rows, lists_override)
     existing = state.index(name)
@@ -303,7 +303,7 @@ def swap_columns(db: Database, migration: MigrationTarget, encoder: EncoderSourc
         with db.connect() as conn:
             conn.execute(sql.SWAP_LOCK_TIMEOUT)
             conn.execute(sql.lock_table(table))
-            pending = conn.execute(sql.count_pending(table, table.staging_column)).fetchone()[0]
+            pending = scalar(conn, sql.count_pending(table, table.staging_column))
             if pending and attempt < SWAP_ATTEMPTS:
                 conn.rollback()
                 log.info(f"{pending} rows arrived without a vector before the lock (attempt {attempt}): embedding them")
@@ -311,7 +311,7 @@ def swap_columns(db: Database, migration: MigrationTarget, encoder: EncoderSourc
             if pending and pending <= migration.batch_rows:
                 # Writers keep adding rows between catch-up and lock: embed the last few under the lock.
                 topped_up += _embed_under_lock(conn, migration, table, encoder)
-                pending = conn.execute(sql.count_pending(table, table.staging_column)).fetchone()[0]
+                pending = scalar(conn, sql.count_pending(table, table.staging_column))
             _refuse_unless_swappable(conn, migration, pending)
             promote(conn, table, table.staging_column, RecordedModel(migration.model, migration.dimensions), True)
         return SwapResult(
@@ -343,7 +343,7 @@ def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationTarge
         raise MigrationError(
             f"Swap refused: {pending} rows of {table.name} have text but no vector in {table.staging_column}"
         )
-    wrong = conn.execute(sql.count_wrong_dimensions(table, table.staging_column), (migration.dimensions,)).fetchone()[0]
+    wrong = scalar(conn, sql.count_wrong_dimensions(table, table.staging_column), (migration.dimensions,))
     if wrong:
         raise MigrationError(
             f"Swap refused: {wrong} vectors in {table.name}.{table.staging_column} do not have "

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from bge_pipeline.core import sql
 from bge_pipeline.core.catalog import Backup, MigrationError, RecordedModel, TableState
-from bge_pipeline.core.database import Database
+from bge_pipeline.core.database import Database, scalar
 from bge_pipeline.core.migration import MigrationTarget, back_up_old_vectors, ensure_index, promote
 
 
@@ -24,7 +24,7 @@ def plan_clear_staging(db: Database, migration: MigrationTarget) -> RollbackPlan
     with db.connect() as conn:
         state = migration.read_state(conn)
         column = _staging_or_refuse(state)
-        rows = conn.execute(sql.count_vectors(state.table, column)).fetchone()[0]
+        rows = scalar(conn, sql.count_vectors(state.table, column))
     return RollbackPlan(f"set the {rows:,} vectors of {state.table.name}.{column} to NULL", rows)
 
 
@@ -39,7 +39,7 @@ def plan_drop_staging(db: Database, migration: MigrationTarget) -> RollbackPlan:
     with db.connect() as conn:
         state = migration.read_state(conn)
         column = _staging_or_refuse(state)
-        rows = conn.execute(sql.count_vectors(state.table, column)).fetchone()[0]
+        rows = scalar(conn, sql.count_vectors(state.table, column))
     return RollbackPlan(
         f"drop {state.table.name}.{column} ({rows:,} vectors), its index and its model record; "
         f"{state.table.live_column} and its index are untouched",
@@ -74,7 +74,7 @@ def plan_restore(db: Database, migration: MigrationTarget, dimensions: int) -> R
     with db.connect() as conn:
         state = migration.read_state(conn)
         backup = _backup_or_refuse(state, dimensions)
-        rows = conn.execute(sql.count_table(state.table.schema, backup.relation)).fetchone()[0]
+        rows = scalar(conn, sql.count_table(state.table.schema, backup.relation))
     table = state.table
     return RollbackPlan(
         f"replace {table.name}.{table.live_column} with the {rows:,} {dimensions}-dim vectors kept in "

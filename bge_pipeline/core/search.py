@@ -14,7 +14,7 @@ import psycopg
 
 from bge_pipeline.core import sql
 from bge_pipeline.core.catalog import TableState
-from bge_pipeline.core.database import Database
+from bge_pipeline.core.database import Database, scalar
 from bge_pipeline.core.encoder import Encoder, Reranker, encoder_for, reranker_for
 from bge_pipeline.core.migration import MigrationTarget
 from bge_pipeline.core.settings import Settings
@@ -101,7 +101,7 @@ def search_target(conn: psycopg.Connection, migration: MigrationTarget) -> Searc
     estimated = conn.execute(sql.ESTIMATED_ROWS, (table.schema, table.name)).fetchone()
     rows = int(estimated[0]) if estimated and estimated[0] is not None else -1
     if rows < 0:  # never analysed: count once rather than guess
-        rows = int(conn.execute(sql.count_vectors(table, column)).fetchone()[0])
+        rows = int(scalar(conn, sql.count_vectors(table, column)))
     version = conn.execute(sql.VECTOR_VERSION).fetchone()
     return SearchTarget(
         table=table,
@@ -109,7 +109,7 @@ def search_target(conn: psycopg.Connection, migration: MigrationTarget) -> Searc
         index=name if usable else None,
         lists=(index.lists if usable and index else None),
         estimated_rows=rows,
-        iterative_scan=bool(version) and _version_tuple(version[0]) >= ITERATIVE_SCAN_VERSION,
+        iterative_scan=version is not None and _version_tuple(version[0]) >= ITERATIVE_SCAN_VERSION,
     )
 
 

@@ -68,7 +68,7 @@ def build_shape_model(directory: Optional[Path] = None, force: bool = False) -> 
     if (target / "modules.json").is_file() and not force:
         return target
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer, models  # type: ignore[attr-defined]
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     spec = shape_spec()

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from bge_pipeline.core import sql
+from bge_pipeline.core.database import scalar
 from bge_pipeline.defs.jobs import reembed_job
 from bge_pipeline.defs.resources import DatabaseResource, MigrationResource
 
@@ -36,7 +37,7 @@ def pending_rows_sensor(
         if column is None:
             yield dg.SkipReason(f"{target.table} has no column for {target.model} yet: run the migration")
             return
-        pending = conn.execute(sql.count_pending(state.table, column)).fetchone()[0]
+        pending = scalar(conn, sql.count_pending(state.table, column))
     if pending < threshold:
         yield dg.SkipReason(f"{pending} rows pending, below REEMBED_MIN_PENDING={threshold}")
         return

@@ -6,6 +6,7 @@ import dagster as dg
 
 from bge_pipeline.core import sql
 from bge_pipeline.core.catalog import MigrationError, TableState
+from bge_pipeline.core.database import scalar
 from bge_pipeline.core.migration import MigrationTarget
 from bge_pipeline.defs.assets.embeddings import embeddings
 from bge_pipeline.defs.assets.index import embedding_index
@@ -40,7 +41,7 @@ def embedding_dimensions(database: DatabaseResource, migration: MigrationResourc
     if column is None:
         return _no_column(target)
     with database.get().connect() as conn:
-        wrong = conn.execute(sql.count_wrong_dimensions(state.table, column), (target.dimensions,)).fetchone()[0]
+        wrong = scalar(conn, sql.count_wrong_dimensions(state.table, column), (target.dimensions,))
     declared = state.columns[column].vector_dimensions
     return dg.AssetCheckResult(
         passed=declared == target.dimensions and wrong == 0,
@@ -64,7 +65,7 @@ def embedding_null_count(database: DatabaseResource, migration: MigrationResourc
     if column is None:
         return _no_column(target)
     with database.get().connect() as conn:
-        total, with_text, missing, null_text = conn.execute(sql.count_rows(state.table, column)).fetchone()
+        total, with_text, missing, null_text = conn.execute(sql.count_rows(state.table, column)).fetchone() or (0,) * 4
     return dg.AssetCheckResult(
         passed=missing == 0,
         description=None if missing == 0 else f"{missing} rows with text have no vector in {column}",
