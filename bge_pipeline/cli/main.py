@@ -8,10 +8,10 @@ import sys
 import warnings
 from typing import Optional
 
-from bge_pipeline.cli import bench, demo, dev, evaluate, search, verify
+from bge_pipeline.cli import bench, demo, dev, evaluate, plan, search, verify
 from bge_pipeline.core.settings import Settings
 
-COMMANDS = (demo, verify, search, evaluate, bench, dev)
+COMMANDS = (demo, plan, verify, search, evaluate, bench, dev)
 # Our commands print their own lines: other libraries' notices about their APIs are not the user's business.
 QUIET = (
     r".*is currently in beta",  # Dagster's BetaWarning for backfill_policy, raised when the definitions are built

@@ -47,6 +47,7 @@ class MigrationTarget:
     retry_base_seconds: float = 1.0
     ivfflat_lists: Optional[int] = None
     keep_old_embeddings: bool = True
+    disk_check: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MigrationTarget:
@@ -64,6 +65,7 @@ class MigrationTarget:
             max_retries=settings.backfill_max_retries,
             ivfflat_lists=settings.ivfflat_lists,
             keep_old_embeddings=settings.keep_old_embeddings,
+            disk_check=settings.disk_check,
         )
 
     @property

@@ -67,6 +67,7 @@ class Settings(BaseModel):
     backfill_partitions: int = Field(8, ge=1, le=1024)
     backfill_max_retries: int = Field(3, ge=0, le=100)
     keep_old_embeddings: bool = True
+    disk_check: bool = True
     reembed_cron: str = "0 3 * * *"
     reembed_min_pending: Count = 1000
     gpu_concurrency: int = Field(1, ge=1, le=1024)

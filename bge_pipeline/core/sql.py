@@ -152,6 +152,14 @@ TABLE_INDEXES = sql.SQL(
     """
 )
 
+# The table's main fork and all its indexes: what every row's UPDATE copies a share of (until VACUUM).
+TABLE_SIZES = sql.SQL(
+    """
+    SELECT pg_relation_size(c.oid), pg_indexes_size(c.oid)
+    FROM pg_class c WHERE c.oid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+    """
+)
+
 INDEX_BUILD_PROGRESS = sql.SQL(
     """
     SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total
@@ -404,6 +412,13 @@ DISABLE_INDEX_SCANS = [
     sql.SQL("SELECT set_config('enable_indexscan', 'off', true)"),
     sql.SQL("SELECT set_config('enable_bitmapscan', 'off', true)"),
 ]
+
+
+def sample_texts(table: Table) -> sql.Composed:
+    """A few of the table's texts (the same ones each time) to measure the encoder on."""
+    return sql.SQL("SELECT {text} FROM {t} WHERE {text} IS NOT NULL ORDER BY md5({id}::text) LIMIT %s").format(
+        text=table.text, t=table.ident, id=table.id
+    )
 
 
 def sample_rows(table: Table, column: str) -> sql.Composed:

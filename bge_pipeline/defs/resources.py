@@ -90,6 +90,7 @@ class MigrationResource(SettingsResource):
     backfill_max_retries: int = 3
     ivfflat_lists: Optional[int] = None
     keep_old_embeddings: bool = True
+    disk_check: bool = True
     reembed_min_pending: int = 1000
 
     def target(self) -> MigrationTarget:

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from bge_pipeline.core.migration import prepare_staging_column
+from bge_pipeline.core.plan import Plan, check_room
 from bge_pipeline.defs.resources import DatabaseResource, EncoderResource, MigrationResource
 
 GROUP = "embedding_migration"
@@ -20,8 +21,10 @@ def staging_embedding_column(
     encoder: EncoderResource,
     migration: MigrationResource,
 ) -> dg.MaterializeResult:
+    db, target = database.get(), migration.target()
+    plan = check_room(db, target)  # refuses, naming the figures, where the disk cannot hold the migration
     # The model loads before a column is made, so one of another dimension is refused with nothing created.
-    result = prepare_staging_column(database.get(), migration.target(), encoder.get)
+    result = prepare_staging_column(db, target, encoder.get)
     if result.migrated:
         context.log.info(
             f"{migration.embedding_table}.{result.column} already holds {migration.embedding_model} vectors: nothing to stage"
@@ -33,6 +36,20 @@ def staging_embedding_column(
             "already_migrated": dg.MetadataValue.bool(result.migrated),
             "model": dg.MetadataValue.text(migration.embedding_model),
             "dimensions": dg.MetadataValue.int(migration.embedding_dimensions),
-            "database": dg.MetadataValue.text(database.get().description),
+            "database": dg.MetadataValue.text(db.description),
+            **plan_metadata(plan),
         }
     )
+
+
+def plan_metadata(plan: Plan) -> dict[str, dg.MetadataValue]:
+    """The plan's figures (`bge-pipeline plan` prints them all), as the UI shows them beside Phase 1."""
+    return {
+        "rows_pending": dg.MetadataValue.int(plan.rows_pending),
+        "bytes_needed": dg.MetadataValue.int(plan.bytes_needed),
+        "free_bytes": dg.MetadataValue.int(plan.free_bytes)
+        if plan.free_bytes is not None
+        else dg.MetadataValue.text("unknown"),
+        "estimated_seconds_without_encoding": dg.MetadataValue.float(round(plan.estimated_seconds, 1)),
+        "plan": dg.MetadataValue.md("\n".join(f"    {line}" for line in plan.lines())),
+    }
