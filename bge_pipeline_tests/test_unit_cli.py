@@ -42,6 +42,7 @@ COMMANDS = {
     "bench-pipeline": ["bench", "--pipeline"],
     "dev": ["dev", "--dry-run"],
     "demo": ["demo"],
+    "plan": ["plan", "--json"],
 }
 
 
