@@ -9,11 +9,13 @@ from typing import Any, Callable
 import psycopg
 import pytest
 
+from bge_pipeline.core import sql
 from bge_pipeline.core.catalog import MigrationError
 from bge_pipeline.core.database import Database
 from bge_pipeline.core.encoder import shared_encoder
-from bge_pipeline.core.migration import MigrationTarget, swap_columns
+from bge_pipeline.core.migration import MigrationTarget, index_pending_rows, swap_columns
 from bge_pipeline_tests.faultkit import DIMENSIONS, column_types, migrate, plain, settings_for, snapshot
+from bge_pipeline_tests.helpers import indexes, materialize
 
 pytestmark = pytest.mark.pgvector
 
@@ -136,3 +138,23 @@ def test_swap_refused_while_the_staging_column_belongs_to_another_model(
         swap_columns(db, migration, shared_encoder(minilm_path, DIMENSIONS, "cpu"), log)
     with connect() as conn:
         assert snapshot(conn) == before
+
+
+def test_the_swap_counts_waiting_rows_from_an_index_not_a_table_scan(seed_table, settings, resources, connect) -> None:
+    """Under the swap's exclusive lock every reader waits: the count of rows still without a vector must read the
+    partial index the swap builds first, never the table."""
+    seed_table(rows=50)
+    materialize(resources, "embeddings")
+    database, target = Database.from_settings(settings), MigrationTarget.from_settings(settings)
+    with database.connect() as conn:
+        state = target.read_state(conn)
+    index_pending_rows(database, state, log)
+    with database.connect() as conn:
+        conn.execute("ANALYZE segments")
+        statement = sql.count_pending(state.table, state.table.staging_column).as_string(conn)
+        plan = "\n".join(row[0] for row in conn.execute(f"EXPLAIN {statement}"))
+    assert "segments_embedding_384_pending_idx" in plan and "Seq Scan" not in plan, plan
+
+    materialize(resources, "embeddings*")
+    with connect() as conn:  # the swap drops it with the old column: the table keeps no index of ours but its own
+        assert "segments_embedding_384_pending_idx" not in indexes(conn)

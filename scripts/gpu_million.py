@@ -154,6 +154,7 @@ class Report:
         finally:
             figures["end"] = time.time()
             figures["seconds"] = round(figures["end"] - figures["start"], 2)
+            figures["load_average_1m"] = round(os.getloadavg()[0], 2)  # others' work on a shared machine shows here
             self.say(f"{name}: {figures['seconds']:.1f}s")
             self.save()
 

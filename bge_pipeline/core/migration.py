@@ -298,6 +298,7 @@ def swap_columns(db: Database, migration: MigrationTarget, encoder: EncoderSourc
     if old is not None and migration.keep_old_embeddings and old.typname == "vector":
         backup = back_up_old_vectors(db, state, old.vector_dimensions)
         log.info(f"Kept the old vectors of {table.name}.{table.live_column} in {backup}")
+    index_pending_rows(db, state, log)
     topped_up = 0
     for attempt in range(1, SWAP_ATTEMPTS + 1):
         _, stats = backfill(db, migration, encoder, list(range(migration.partitions)), log)
@@ -327,6 +328,18 @@ def swap_columns(db: Database, migration: MigrationTarget, encoder: EncoderSourc
     raise AssertionError("unreachable: the last attempt swaps or refuses")
 
 
+def index_pending_rows(db: Database, state: TableState, log: logging.Logger) -> None:
+    """Build (again, if a killed build left it invalid) the partial index the swap counts waiting rows with."""
+    table = state.table
+    name = table.pending_index_name(table.staging_column)
+    existing = state.index(name)
+    with db.connect(autocommit=True) as conn:
+        if existing is not None and not existing.valid:
+            log.info(f"Dropping the invalid index {name} left by an interrupted build")
+            conn.execute(sql.drop_index(table, name))
+        conn.execute(sql.create_pending_index(table, table.staging_column))
+
+
 def _embed_under_lock(
     conn: psycopg.Connection, migration: MigrationTarget, table: Table, encoder: EncoderSource
 ) -> int:
@@ -345,7 +358,13 @@ def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationTarge
         raise MigrationError(
             f"Swap refused: {pending} rows of {table.name} have text but no vector in {table.staging_column}"
         )
-    wrong = scalar(conn, sql.count_wrong_dimensions(table, table.staging_column), (migration.dimensions,))
+    # A column declared vector(EMBEDDING_DIMENSIONS) cannot hold another size: only a bare `vector` is scanned.
+    declared = state.columns[table.staging_column].vector_dimensions
+    wrong = (
+        0
+        if declared == migration.dimensions
+        else scalar(conn, sql.count_wrong_dimensions(table, table.staging_column), (migration.dimensions,))
+    )
     if wrong:
         raise MigrationError(
             f"Swap refused: {wrong} vectors in {table.name}.{table.staging_column} do not have "
@@ -361,6 +380,7 @@ def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationTarge
 
 def promote(conn: psycopg.Connection, table: Table, column: str, model: RecordedModel, owned: bool) -> None:
     """Inside the caller's locked transaction: `column` and its index take the live names."""
+    conn.execute(sql.drop_index_in_transaction(table, table.pending_index_name(column)))  # its work is done
     conn.execute(sql.drop_column(table, table.live_column))
     conn.execute(sql.rename_column(table, column, table.live_column))
     conn.execute(sql.rename_index(table, table.index_name(column), table.index_name(table.live_column)))

@@ -43,6 +43,9 @@ class Table:
     def index_name(self, column: str) -> str:
         return _identifier(f"{self.name}_{column}_ivfflat_idx")
 
+    def pending_index_name(self, column: str) -> str:
+        return _identifier(f"{self.name}_{column}_pending_idx")
+
     def backup_table(self, dimensions: int) -> str:
         """Where a swap keeps the old `dimensions`-dim vectors: hashed like the index names, so that two
         backups of a long table's name never truncate to one."""
@@ -334,6 +337,24 @@ def create_ivfflat_index(table: Table, column: str, index: str, lists: int) -> s
 
 def drop_index(table: Table, index: str) -> sql.Composed:
     return sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {i}").format(i=sql.Identifier(table.schema, index))
+
+
+def create_pending_index(table: Table, column: str) -> sql.Composed:
+    """The rows still waiting for a vector, indexed: under the swap's exclusive lock, counting them reads this
+    (a few entries) instead of scanning the table while every reader waits."""
+    return sql.SQL(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {i} ON {t} ({id}) WHERE {text} IS NOT NULL AND {c} IS NULL"
+    ).format(
+        i=sql.Identifier(table.pending_index_name(column)),
+        t=table.ident,
+        id=table.id,
+        text=table.text,
+        c=sql.Identifier(column),
+    )
+
+
+def drop_index_in_transaction(table: Table, index: str) -> sql.Composed:
+    return sql.SQL("DROP INDEX IF EXISTS {i}").format(i=sql.Identifier(table.schema, index))
 
 
 INDEX_BUILD_SETTINGS = [
