@@ -22,7 +22,7 @@ from bge_pipeline.core.catalog import (
 from bge_pipeline.core.corpus import Segment
 from bge_pipeline.core.encoder import ModelLoadError, default_batch_size, resolve_device, rows_within_budget
 from bge_pipeline.core.evaluation import build_queries, load_queries, ndcg_at_k, recall_at_k
-from bge_pipeline.core.quality import AnnVersusExact, old_vectors
+from bge_pipeline.core.quality import AnnVersusExact, bounded_queries, old_vectors
 from bge_pipeline.core.runtimes import resolve_backend, runtime_installed
 from bge_pipeline.core.search import OVERSAMPLING, Hit, SearchError, probes_for, rerank_hits, validate_query
 from bge_pipeline.core.sql import Table
@@ -371,3 +371,11 @@ def test_backend_choice() -> None:
 )
 def test_a_cpu_pass_holds_at_most_its_token_budget(lengths, start, max_rows, budget, rows) -> None:
     assert rows_within_budget(lengths, start, max_rows, budget) == rows
+
+
+@pytest.mark.parametrize(
+    ("requested", "rows", "queries"),
+    [(100, 10_000, 100), (100, 100_000, 100), (100, 1_000_000, 20), (100, 50_000_000, 20), (5, 1_000_000, 5)],
+)
+def test_the_recall_check_runs_as_many_exact_searches_as_its_budget_allows(requested, rows, queries) -> None:
+    assert bounded_queries(requested, rows) == queries

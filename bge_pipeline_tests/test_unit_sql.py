@@ -130,7 +130,6 @@ STATEMENTS: dict[str, Callable[[Table, str], pgsql.Composable]] = {
     "sample_vectors": sql.sample_vectors,
     "verify_counts": sql.verify_counts,
     "vectors_by_id": lambda t, c: sql.vectors_by_id(t.schema, t.name, t.id_column, c),
-    "neighbour_ids": lambda t, c: sql.neighbour_ids(t.schema, t.name, t.id_column, c),
     "count_table": lambda t, c: sql.count_table(t.schema, t.name),
     "drop_table": lambda t, c: sql.drop_table(t.schema, t.name),
     "create_stale_vector_trigger": lambda t, c: pgsql.SQL("; ").join(sql.create_stale_vector_trigger(t, [c])),

@@ -470,6 +470,13 @@ def rows_present(table: Table, column: str) -> sql.Composed:
     )
 
 
+def sample_ids(table: Table, column: str) -> sql.Composed:
+    """A deterministic sample of the ids that have a vector in `column`."""
+    return sql.SQL("SELECT {id} FROM {t} WHERE {c} IS NOT NULL ORDER BY md5({id}::text) LIMIT %s").format(
+        id=table.id, c=sql.Identifier(column), t=table.ident
+    )
+
+
 def sample_vectors(table: Table, column: str) -> sql.Composed:
     """A deterministic sample (the same rows on every run) of ids with their vectors."""
     return sql.SQL("SELECT {id}, {c} FROM {t} WHERE {c} IS NOT NULL ORDER BY md5({id}::text) LIMIT %s").format(
@@ -482,16 +489,6 @@ def vectors_by_id(schema: str, relation: str, id_column: str, column: str) -> sq
     return sql.SQL("SELECT {id}, {c} FROM {r} WHERE {id} = ANY(%s) AND {c} IS NOT NULL").format(
         id=sql.Identifier(id_column), c=sql.Identifier(column), r=sql.Identifier(schema, relation)
     )
-
-
-def neighbour_ids(schema: str, relation: str, id_column: str, column: str) -> sql.Composed:
-    """The ids nearest to a vector under `column`, the row itself excluded; run with index scans disabled."""
-    return sql.SQL(
-        """
-        SELECT {id} FROM {r} WHERE {c} IS NOT NULL AND {id} <> %(id)s
-        ORDER BY {c} <=> %(query)s::vector LIMIT %(limit)s
-        """
-    ).format(id=sql.Identifier(id_column), c=sql.Identifier(column), r=sql.Identifier(schema, relation))
 
 
 # --- the guide's verification queries -------------------------------------------------------------------
