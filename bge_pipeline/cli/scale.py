@@ -18,6 +18,7 @@ import numpy as np
 import psycopg
 
 from bge_pipeline.cli.measure import Output, bench_database, corpus_path, repeated
+from bge_pipeline.core import sql
 from bge_pipeline.core.corpus import create_seed_table, load_segments
 from bge_pipeline.core.database import Database, scalar
 from bge_pipeline.core.encoder import encoder_for
@@ -27,7 +28,6 @@ from bge_pipeline.core.settings import Settings
 from bge_pipeline.core.shape_model import build_lookup_model
 
 READER_PAUSE_SECONDS = 0.005
-DATABASE_SIZE = "SELECT pg_database_size(current_database())"
 
 
 class PrimaryKeyReader(threading.Thread):
@@ -43,7 +43,7 @@ class PrimaryKeyReader(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        query = psycopg.sql.SQL("SELECT text FROM {t} WHERE id = %s").format(t=psycopg.sql.Identifier(self.table))
+        query = sql.text_by_id(sql.Table("public", self.table, "id", "text", "embedding", "embedding_384"))
         sized = 0.0
         with psycopg.connect(self.url, autocommit=True) as conn:
             while not self.stop.is_set():
@@ -54,7 +54,7 @@ class PrimaryKeyReader(threading.Thread):
                     self.errors += 1  # counted, not hidden
                 self.waits.append(time.perf_counter() - started)
                 if started - sized > 1.0:
-                    self.peak_bytes = max(self.peak_bytes, conn.execute(DATABASE_SIZE).fetchone()[0])
+                    self.peak_bytes = max(self.peak_bytes, conn.execute(sql.DATABASE_SIZE).fetchone()[0])
                     sized = started
                 time.sleep(READER_PAUSE_SECONDS)
 
@@ -121,7 +121,7 @@ def run_scale_bench(args: argparse.Namespace, settings: Settings, out: Output) -
         database, target = Database.from_settings(run_settings), MigrationTarget.from_settings(run_settings)
         plan = plan_migration(database, target, encoder_for(run_settings))
         with database.connect() as conn:
-            size_before = scalar(conn, DATABASE_SIZE)
+            size_before = scalar(conn, sql.DATABASE_SIZE)
         reader = PrimaryKeyReader(plain, "segments", [s.id for s in segments[:: max(1, len(segments) // 10_000)]])
         reader.start()
         defs = build_definitions(run_settings, from_environment=False)
@@ -140,7 +140,7 @@ def run_scale_bench(args: argparse.Namespace, settings: Settings, out: Output) -
         reader.stop.set()
         reader.join()
         with database.connect() as conn:
-            size_after = scalar(conn, DATABASE_SIZE)
+            size_after = scalar(conn, sql.DATABASE_SIZE)
         database.dispose()
     if not result.success:
         failure = next(e for e in result.all_events if e.is_step_failure).event_specific_data.error

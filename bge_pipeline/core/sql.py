@@ -163,6 +163,8 @@ TABLE_SIZES = sql.SQL(
     """
 )
 
+DATABASE_SIZE = sql.SQL("SELECT pg_database_size(current_database())")
+
 INDEX_BUILD_PROGRESS = sql.SQL(
     """
     SELECT phase, blocks_done, blocks_total, tuples_done, tuples_total
@@ -433,6 +435,11 @@ DISABLE_INDEX_SCANS = [
     sql.SQL("SELECT set_config('enable_indexscan', 'off', true)"),
     sql.SQL("SELECT set_config('enable_bitmapscan', 'off', true)"),
 ]
+
+
+def text_by_id(table: Table) -> sql.Composed:
+    """One row's text by its id: what an application reads while the migration runs (`bench --scale`)."""
+    return sql.SQL("SELECT {text} FROM {t} WHERE {id} = %s").format(text=table.text, t=table.ident, id=table.id)
 
 
 def sample_texts(table: Table) -> sql.Composed:
