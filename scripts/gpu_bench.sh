@@ -48,7 +48,7 @@ fi
 "$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "installing the project replaced the CUDA torch"'
 
 log "building the random-weight bge-small shape model"
-timeout 120 "$PYTHON" -c 'from bge_pipeline.shape_model import build_shape_model; print(build_shape_model())' \
+timeout 120 "$PYTHON" -c 'from bge_pipeline.core.shape_model import build_shape_model; print(build_shape_model())' \
   | tee -a "$OUT_DIR/gpu_bench.log"
 
 run() {  # run NAME ARGS...: one bench, its JSON in $OUT_DIR/NAME.json, its lines in the log; a failure is logged
