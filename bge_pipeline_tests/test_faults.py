@@ -136,6 +136,16 @@ def test_migration_resumes_after_repeated_kills(
             run = start_cli(env, str(tmp_path), "--select", "embeddings*", log_path=log)
             children.append(run)
             _wait_for_line(log, 'Started execution of step "embedding_index_embedding_index_usable"', run, 180)
+            # The swap first builds its pending-rows index CONCURRENTLY, which waits out open transactions: the
+            # reader starts once that index is valid, so it holds the swap at LOCK TABLE and nowhere else.
+            wait_for(
+                lambda: probe.execute(
+                    "SELECT coalesce((SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                    f"to_regclass('segments_{STAGING}_pending_idx')), false)"
+                ).fetchone()[0],
+                180,
+                "the swap's pending-rows index",
+            )
             reader = psycopg.connect(url)
             reader.execute("SELECT 1 FROM segments LIMIT 1")
             try:
