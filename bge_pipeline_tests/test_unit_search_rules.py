@@ -22,9 +22,18 @@ from bge_pipeline.core.catalog import (
 from bge_pipeline.core.corpus import Segment
 from bge_pipeline.core.encoder import ModelLoadError, default_batch_size, resolve_device, rows_within_budget
 from bge_pipeline.core.evaluation import build_queries, load_queries, ndcg_at_k, recall_at_k
+from bge_pipeline.core.migration import IndexSpec
 from bge_pipeline.core.quality import AnnVersusExact, bounded_queries, old_vectors
 from bge_pipeline.core.runtimes import resolve_backend, runtime_installed
-from bge_pipeline.core.search import OVERSAMPLING, Hit, SearchError, probes_for, rerank_hits, validate_query
+from bge_pipeline.core.search import (
+    OVERSAMPLING,
+    Hit,
+    SearchError,
+    ef_search_for,
+    probes_for,
+    rerank_hits,
+    validate_query,
+)
 from bge_pipeline.core.sql import Table
 
 pytestmark = pytest.mark.unit
@@ -210,38 +219,42 @@ TEXT = Column("text", "text", "text", -1)
 ID = Column("id", "bigint", "int8", -1)
 
 
+WANTED = RecordedModel(MODEL, 384)
+HALF = Column("embedding_384", "halfvec(384)", "halfvec", 384)
+
+
 def state(columns: list[Column], models: dict[str, RecordedModel], **extra: object) -> TableState:
     return TableState(TABLE, {column.name: column for column in [ID, TEXT, *columns]}, models, **extra)  # type: ignore[arg-type]
 
 
 def test_staging_column_recorded_for_the_model_is_writable() -> None:
     current = state([OLD, NEW], {"embedding_384": RecordedModel(MODEL, 384)})
-    assert writable_column(current, MODEL, 384) == "embedding_384"
+    assert writable_column(current, WANTED) == "embedding_384"
 
 
 def test_live_column_recorded_for_the_model_is_writable_after_the_swap() -> None:
     current = state([Column("embedding", "vector(384)", "vector", 384)], {"embedding": RecordedModel(MODEL, 384)})
-    assert writable_column(current, MODEL, 384) == "embedding"
+    assert writable_column(current, WANTED) == "embedding"
     assert current.migrated
 
 
 def test_no_column_for_the_model_means_phase_one_first() -> None:
-    assert writable_column(state([OLD], {}), MODEL, 384) is None
-    assert writable_column(state([OLD], {"embedding": RecordedModel(OLD_MODEL, 1536)}), MODEL, 384) is None
-    assert writable_column(state([], {}), MODEL, 384) is None
+    assert writable_column(state([OLD], {}), WANTED) is None
+    assert writable_column(state([OLD], {"embedding": RecordedModel(OLD_MODEL, 1536)}), WANTED) is None
+    assert writable_column(state([], {}), WANTED) is None
     # A record for a live column that no longer exists grants nothing.
-    assert writable_column(state([], {"embedding": RecordedModel(MODEL, 384)}), MODEL, 384) is None
+    assert writable_column(state([], {"embedding": RecordedModel(MODEL, 384)}), WANTED) is None
 
 
 def test_live_column_recorded_with_other_dimensions_is_not_writable() -> None:
     current = state([Column("embedding", "vector(384)", "vector", 384)], {"embedding": RecordedModel(MODEL, 768)})
-    assert writable_column(current, MODEL, 384) is None
+    assert writable_column(current, WANTED) is None
 
 
 def test_staging_column_of_another_model_is_refused() -> None:
     current = state([OLD, NEW], {"embedding_384": RecordedModel("intfloat/e5-small-v2", 384)})
     with pytest.raises(MigrationError) as raised:
-        writable_column(current, MODEL, 384)
+        writable_column(current, WANTED)
     message = str(raised.value)
     assert "EMBEDDING_MODEL" in message and "intfloat/e5-small-v2" in message
     assert "rollback_staging_column" in message
@@ -250,7 +263,25 @@ def test_staging_column_of_another_model_is_refused() -> None:
 def test_unrecorded_staging_column_is_refused() -> None:
     # Someone else's column of the same name: the pipeline must not mix its vectors into it.
     with pytest.raises(MigrationError, match="unrecorded"):
-        writable_column(state([OLD, NEW], {}), MODEL, 384)
+        writable_column(state([OLD, NEW], {}), WANTED)
+
+
+def test_a_column_of_the_model_in_another_vector_type_is_not_its_column() -> None:
+    # VECTOR_TYPE=halfvec after a migration to vector: the live column needs converting, so it is not writable...
+    live = Column("embedding", "vector(384)", "vector", 384)
+    current = state([live], {"embedding": RecordedModel(MODEL, 384, "vector")})
+    assert writable_column(current, RecordedModel(MODEL, 384, "halfvec")) is None
+    # ...and a staging column of the other type is refused, naming both settings.
+    staged = state([live, HALF], {"embedding_384": RecordedModel(MODEL, 384, "halfvec")})
+    with pytest.raises(MigrationError, match="VECTOR_TYPE=vector") as raised:
+        writable_column(staged, WANTED)
+    assert "halfvec(384)" in str(raised.value)
+    assert writable_column(staged, RecordedModel(MODEL, 384, "halfvec")) == "embedding_384"
+
+
+def test_the_recorded_index_type_does_not_decide_whose_column_it_is() -> None:
+    assert RecordedModel(MODEL, 384, "vector", "hnsw") == RecordedModel(MODEL, 384, "vector", "ivfflat")
+    assert RecordedModel(MODEL, 384, "halfvec") != RecordedModel(MODEL, 384, "vector")
 
 
 def test_migration_error_is_a_runtime_error() -> None:
@@ -299,7 +330,7 @@ def test_valid_cosine_ivfflat_index_serves_its_column() -> None:
     "changes",
     [
         {"valid": False},  # a killed CONCURRENTLY build
-        {"method": "hnsw"},
+        {"method": "btree"},
         {"opclass": "vector_l2_ops"},  # does not serve `<=>`
         {"opclass": "vector_ip_ops"},
         {"column": "embedding"},
@@ -308,6 +339,55 @@ def test_valid_cosine_ivfflat_index_serves_its_column() -> None:
 )
 def test_other_indexes_do_not_serve(changes: dict) -> None:
     assert not ivfflat(**changes).serves("embedding_384")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"method": "hnsw", "options": ("m=16", "ef_construction=64")},
+        {"method": "hnsw", "options": ()},
+        {"opclass": "halfvec_cosine_ops"},
+        {"method": "hnsw", "opclass": "halfvec_cosine_ops"},
+    ],
+    ids=lambda changes: "-".join(f"{k}={v}" for k, v in changes.items()),
+)
+def test_hnsw_and_halfvec_cosine_indexes_serve(changes: dict) -> None:
+    assert ivfflat(**changes).serves("embedding_384")
+
+
+def test_index_spec_is_met_only_by_its_method_type_and_explicit_parameters() -> None:
+    hnsw = ivfflat(name="x_hnsw_idx", method="hnsw", opclass="halfvec_cosine_ops", options=("m=24",))
+    assert IndexSpec("hnsw", "halfvec").met_by(hnsw, "embedding_384")  # defaults asked: any parameters do
+    assert IndexSpec("hnsw", "halfvec", m=24).met_by(hnsw, "embedding_384")
+    assert not IndexSpec("hnsw", "halfvec", m=16).met_by(hnsw, "embedding_384")
+    assert not IndexSpec("hnsw", "vector").met_by(hnsw, "embedding_384")  # another operator class
+    assert not IndexSpec("ivfflat", "halfvec").met_by(hnsw, "embedding_384")
+    assert IndexSpec("ivfflat").met_by(ivfflat(), "embedding_384")
+    assert not IndexSpec("ivfflat", lists=200).met_by(ivfflat(), "embedding_384")
+
+
+def test_index_spec_options_leave_hnsw_defaults_to_pgvector() -> None:
+    assert IndexSpec("hnsw").options(1_000_000) == {}
+    assert IndexSpec("hnsw", m=32, ef_construction=128).options(10) == {"m": 32, "ef_construction": 128}
+    assert IndexSpec("ivfflat").options(250_000) == {"lists": 500}
+
+
+def test_search_index_prefers_the_configured_method() -> None:
+    both = state(
+        [NEW],
+        {},
+        indexes=[ivfflat(), ivfflat(name="segments_embedding_384_hnsw_idx", method="hnsw", options=())],
+    )
+    found_hnsw, found_ivf = both.search_index("embedding_384", "hnsw"), both.search_index("embedding_384", "ivfflat")
+    assert found_hnsw is not None and found_hnsw.method == "hnsw"
+    assert found_ivf is not None and found_ivf.method == "ivfflat"
+    assert state([NEW], {}, indexes=[ivfflat(valid=False)]).search_index("embedding_384") is None
+
+
+def test_ef_search_covers_the_candidates_within_pgvectors_range() -> None:
+    assert ef_search_for(20) == 40  # never below pgvector's default
+    assert ef_search_for(200) == 200  # RERANK_TOP_K=200 gets 200 candidates, not 40
+    assert ef_search_for(50_000) == 1000  # pgvector's ceiling: iterative scans go on past it
 
 
 def test_index_without_lists_option() -> None:

@@ -175,6 +175,13 @@ def test_devices_accepted(device: str) -> None:
         ("REEMBED_MIN_PENDING", "0"),
         ("EMBEDDING_ID_COLUMN", "text"),  # the same column as EMBEDDING_TEXT_COLUMN
         ("EMBEDDING_COLUMN", "c" * 60),  # fits, but its staging column c..._384 does not
+        ("INDEX_TYPE", "diskann"),
+        ("VECTOR_TYPE", "bit"),
+        ("HNSW_M", "1"),
+        ("HNSW_M", "101"),
+        ("HNSW_EF_CONSTRUCTION", "3"),
+        ("HNSW_EF_CONSTRUCTION", "20"),  # under twice pgvector's default m of 16
+        ("EMBEDDING_DIMENSIONS", "3072"),  # more than pgvector indexes as `vector`
     ],
 )
 def test_bad_value_is_refused_in_one_line_naming_the_setting(name: str, value: str) -> None:
@@ -184,6 +191,25 @@ def test_bad_value_is_refused_in_one_line_naming_the_setting(name: str, value: s
     assert name in message
     assert "\n" not in message
     assert "pydantic" not in message.lower() and "validation error" not in message.lower()
+
+
+def test_index_and_vector_type_settings() -> None:
+    assert (Settings().index_type, Settings().vector_type, Settings().hnsw_m) == ("ivfflat", "vector", None)
+    chosen = Settings.from_mapping(
+        {"INDEX_TYPE": "hnsw", "VECTOR_TYPE": "halfvec", "HNSW_M": "8", "HNSW_EF_CONSTRUCTION": "16"}
+    )
+    assert (chosen.index_type, chosen.vector_type, chosen.hnsw_m, chosen.hnsw_ef_construction) == (
+        "hnsw",
+        "halfvec",
+        8,
+        16,
+    )
+    # text-embedding-3-large's 3,072 dimensions: too many to index as vector, not as halfvec; the refusal says so.
+    assert (
+        Settings.from_mapping({"EMBEDDING_DIMENSIONS": "3072", "VECTOR_TYPE": "halfvec"}).embedding_dimensions == 3072
+    )
+    with pytest.raises(SettingsError, match="set VECTOR_TYPE=halfvec"):
+        Settings.from_mapping({"EMBEDDING_DIMENSIONS": "3072"})
 
 
 def test_settings_error_is_a_value_error() -> None:

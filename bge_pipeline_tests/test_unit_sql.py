@@ -105,7 +105,7 @@ def test_lock_key_names_schema_and_table() -> None:
 # --- every composed statement quotes what settings name -----------------------------------------------------
 
 STATEMENTS: dict[str, Callable[[Table, str], pgsql.Composable]] = {
-    "add_vector_column": lambda t, c: sql.add_vector_column(t, c, 384),
+    "add_vector_column": lambda t, c: sql.add_vector_column(t, c, 384, "halfvec"),
     "comment_column": lambda t, c: sql.comment_column(t, c, "model x"),
     "drop_column": sql.drop_column,
     "clear_column": sql.clear_column,
@@ -115,7 +115,9 @@ STATEMENTS: dict[str, Callable[[Table, str], pgsql.Composable]] = {
     "write_batch": sql.write_batch,
     "count_wrong_dimensions": sql.count_wrong_dimensions,
     "count_vectors": sql.count_vectors,
-    "create_ivfflat_index": lambda t, c: sql.create_ivfflat_index(t, c, t.index_name(c), 100),
+    "create_index": lambda t, c: sql.create_index(t, c, t.index_name(c), "ivfflat", "vector", {"lists": 100}),
+    "create_hnsw_index": lambda t, c: sql.create_index(t, c, t.index_name(c, "hnsw"), "hnsw", "halfvec", {"m": 8}),
+    "copy_by_cast": lambda t, c: sql.copy_by_cast(t, t.live_column, c, "halfvec", 8),
     "drop_index": lambda t, c: sql.drop_index(t, t.index_name(c)),
     "lock_table": lambda t, c: sql.lock_table(t),
     "rename_column": lambda t, c: sql.rename_column(t, c, t.live_column),
@@ -123,8 +125,8 @@ STATEMENTS: dict[str, Callable[[Table, str], pgsql.Composable]] = {
     "create_backup_table": lambda t, c: sql.create_backup_table(t, t.backup_table(1536), c),
     "restore_from_backup": lambda t, c: sql.restore_from_backup(t, t.backup_table(1536), c, c),
     "analyze": lambda t, c: sql.analyze(t),
-    "nearest_neighbours": sql.nearest_neighbours,
-    "ann_candidates": sql.ann_candidates,
+    "nearest_neighbours": lambda t, c: sql.nearest_neighbours(t, c, "halfvec"),
+    "ann_candidates": lambda t, c: sql.ann_candidates(t, c, "vector"),
     "sample_rows": sql.sample_rows,
     "rows_present": sql.rows_present,
     "sample_vectors": sql.sample_vectors,
@@ -166,9 +168,35 @@ def test_column_comment_is_a_quoted_literal() -> None:
 
 def test_ivfflat_index_uses_the_cosine_operator_class() -> None:
     t = table()
-    rendered = render(sql.create_ivfflat_index(t, "embedding_384", t.index_name("embedding_384"), 250))
-    assert 'USING ivfflat ("embedding_384" vector_cosine_ops) WITH (lists = 250)' in rendered
+    rendered = render(
+        sql.create_index(t, "embedding_384", t.index_name("embedding_384"), "ivfflat", "vector", {"lists": 250})
+    )
+    assert 'USING ivfflat ("embedding_384" vector_cosine_ops) WITH ("lists" = 250)' in rendered
     assert rendered.startswith("CREATE INDEX CONCURRENTLY IF NOT EXISTS")
+
+
+def test_hnsw_halfvec_index_uses_halfvec_cosine_ops_and_only_the_parameters_given() -> None:
+    t = table()
+    name = t.index_name("embedding_384", "hnsw")
+    assert name == "segments_embedding_384_hnsw_idx"
+    rendered = render(sql.create_index(t, "embedding_384", name, "hnsw", "halfvec", {"m": 24, "ef_construction": 100}))
+    assert 'USING hnsw ("embedding_384" halfvec_cosine_ops) WITH ("m" = 24, "ef_construction" = 100)' in rendered
+    defaults = render(sql.create_index(t, "embedding_384", name, "hnsw", "halfvec", {}))
+    assert defaults.endswith("halfvec_cosine_ops)")  # no WITH (): pgvector's own defaults
+
+
+@pytest.mark.parametrize(
+    ("method", "vector_type"), [("diskann", "vector"), ("hnsw", "sparsevec"), ("hnsw", "x); DROP")]
+)
+def test_unknown_index_methods_and_vector_types_are_never_composed(method: str, vector_type: str) -> None:
+    t = table()
+    with pytest.raises(ValueError, match="INDEX_TYPE|VECTOR_TYPE"):
+        sql.create_index(t, "embedding_384", "i", method, vector_type, {})
+
+
+def test_search_casts_the_query_to_the_columns_type() -> None:
+    rendered = render(sql.nearest_neighbours(table(), "embedding", "halfvec"))
+    assert rendered.count("::halfvec") == 2 and "::vector" not in rendered
 
 
 # --- the guide's IVFFLAT lists formula ----------------------------------------------------------------------

@@ -26,11 +26,7 @@ def snippet(text: str, width: int = SNIPPET_CHARS) -> str:
 def format_outcome(outcome: SearchOutcome) -> list[str]:
     """The readable table `bge-pipeline search` prints."""
     target = outcome.target
-    how = (
-        f"{target.index} (probes {outcome.probes} of {target.lists} lists)"
-        if target.index
-        else "a sequential scan (no IVFFLAT index on the column)"
-    )
+    how = target.describe(outcome.probes)
     ids = [str(hit.id) for hit in outcome.hits]  # as PostgreSQL prints them: 42, a uuid, doc-001
     width = max([8, *map(len, ids)])
     lines = [
@@ -76,7 +72,8 @@ def _search_command(args: argparse.Namespace, settings: Settings) -> int:
                     "query": outcome.query,
                     "column": outcome.target.column,
                     "candidates": outcome.candidates,
-                    "probes": outcome.probes,
+                    "index_method": outcome.target.method,
+                    "probes": outcome.probes,  # ef_search where the index is HNSW
                     "reranked": outcome.reranked,
                     "seconds": round(outcome.seconds, 4),
                     "timings": {

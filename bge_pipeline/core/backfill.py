@@ -71,6 +71,7 @@ class BackfillStats:
     encode_seconds: float = 0.0
     write_seconds: float = 0.0
     texts_encoded: int = 0  # distinct texts: a batch's identical texts are encoded once
+    rows_copied: int = 0  # vectors cast from the live column when only VECTOR_TYPE changed
     batch_rows_per_second: list[float] = field(default_factory=list)
     encoder: Optional[Encoder] = None  # None when there was nothing to encode: the model was never loaded
 

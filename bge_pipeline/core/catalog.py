@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import psycopg
 
@@ -24,8 +24,13 @@ class Column:
     typmod: int
 
     @property
+    def is_vector(self) -> bool:
+        """A pgvector column of full (vector) or half (halfvec) precision."""
+        return self.typname in sql.VECTOR_TYPES
+
+    @property
     def vector_dimensions(self) -> Optional[int]:
-        return self.typmod if self.typname == "vector" and self.typmod > 0 else None
+        return self.typmod if self.is_vector and self.typmod > 0 else None
 
 
 @dataclass(frozen=True)
@@ -39,21 +44,47 @@ class Index:
     unique: bool  # a unique index on this one column alone, not partial
 
     def serves(self, column: str) -> bool:
-        """Valid IVFFLAT on `column` with the operator class of `<=>`: an index the project's queries can use."""
-        return self.valid and self.method == "ivfflat" and self.opclass == sql.INDEX_OPCLASS and self.column == column
+        """Valid IVFFLAT or HNSW on `column` with the operator class of `<=>`: an index the queries can use."""
+        return (
+            self.valid
+            and self.method in sql.INDEX_METHODS
+            and self.opclass in sql.COSINE_OPCLASSES
+            and self.column == column
+        )
+
+    def option(self, name: str) -> Optional[int]:
+        """A build parameter (`lists`, `m`, `ef_construction`) as the catalog stores it; None when left default."""
+        for option in self.options:
+            key, _, value = option.partition("=")
+            if key == name:
+                return int(value)
+        return None
 
     @property
     def lists(self) -> Optional[int]:
-        for option in self.options:
-            if option.startswith("lists="):
-                return int(option.split("=", 1)[1])
-        return None
+        return self.option("lists")
+
+    def describe(self) -> str:
+        """`hnsw (halfvec_cosine_ops, m=16, ef_construction=64)`: what the index is, for logs and reports."""
+        return f"{self.method} ({', '.join([self.opclass, *self.options])})"
 
 
 @dataclass(frozen=True)
 class RecordedModel:
+    """Whose vectors a column holds, and how they are stored: a column is written only by the model, at the
+    dimensions and in the type recorded for it. The index is recorded too, but any index may change."""
+
     model: str
     dimensions: int
+    vector_type: str = "vector"
+    index_type: Optional[str] = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        return f"{self.model!r} ({self.vector_type}({self.dimensions}))"
+
+    def row(self, schema: str, table: str, column: str) -> tuple[Any, ...]:
+        """The parameters of sql.UPSERT_MODEL / UPSERT_BACKUP."""
+        return (schema, table, column, self.model, self.dimensions, self.vector_type, self.index_type)
 
 
 @dataclass(frozen=True)
@@ -63,6 +94,7 @@ class Backup:
     relation: str
     model: str
     dimensions: int
+    vector_type: str = "vector"
 
 
 @dataclass
@@ -83,6 +115,11 @@ class TableState:
 
     def index(self, name: str) -> Optional[Index]:
         return next((index for index in self.indexes if index.name == name), None)
+
+    def search_index(self, column: str, preferred: str = "ivfflat") -> Optional[Index]:
+        """The index queries on `column` use: one of the `preferred` method if valid, else any that serves."""
+        serving = sorted((i for i in self.indexes_on(column) if i.serves(column)), key=lambda i: i.method != preferred)
+        return serving[0] if serving else None
 
     @property
     def migrated(self) -> bool:
@@ -114,16 +151,21 @@ def read_table_state(
     # Before Phase 1 first ran on this database there is no state table: nothing is recorded yet.
     records = conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall() if scalar(conn, sql.STATE_TABLE_EXISTS) else []
     models = {
-        column: RecordedModel(model, dimensions)
-        for column, model, dimensions, kind in records
-        if kind == "column" and (column not in columns or columns[column].vector_dimensions in (None, dimensions))
+        column: RecordedModel(model, dimensions, vector_type, index_type)
+        for column, model, dimensions, kind, vector_type, index_type in records
+        if kind == "column" and (column not in columns or _describes(columns[column], dimensions, vector_type))
     }
     backups = {
-        dimensions: Backup(relation, model, dimensions)
-        for relation, model, dimensions, kind in records
+        dimensions: Backup(relation, model, dimensions, vector_type)
+        for relation, model, dimensions, kind, vector_type, _ in records
         if kind == "backup"
     }
     return TableState(table=table, columns=columns, models=models, indexes=indexes, backups=backups)
+
+
+def _describes(column: Column, dimensions: int, vector_type: str) -> bool:
+    """Whether a record still fits its column's declared type (a bare `vector` fits any dimensions)."""
+    return column.vector_dimensions in (None, dimensions) and (not column.is_vector or column.typname == vector_type)
 
 
 def require_table(
@@ -160,23 +202,23 @@ def _require_table(
     return columns, indexes
 
 
-def writable_column(state: TableState, model: str, dimensions: int) -> Optional[str]:
+def writable_column(state: TableState, wanted: RecordedModel) -> Optional[str]:
     """The column the configured model may fill now, or None when Phase 1 must create one first.
 
     The rule that keeps two models' vectors out of one column: a column is written only when the pipeline
-    recorded the configured model (and dimension) for it.
+    recorded the configured model (and dimension, and vector type) for it.
     """
-    wanted = RecordedModel(model, dimensions)
     table = state.table
     staging = table.staging_column
     if state.has(staging):
         recorded = state.models.get(staging)
         if recorded == wanted:
             return staging
-        holder = f"model {recorded.model!r} ({recorded.dimensions} dims)" if recorded else "an unrecorded model"
+        holder = f"model {recorded.describe()}" if recorded else "an unrecorded model"
         raise MigrationError(
-            f"EMBEDDING_MODEL={model!r}: staging column {staging!r} of {table.name} belongs to {holder}; "
-            "run the rollback_staging_column job to remove it, or set EMBEDDING_MODEL back"
+            f"EMBEDDING_MODEL={wanted.model!r} VECTOR_TYPE={wanted.vector_type}: staging column {staging!r} of "
+            f"{table.name} belongs to {holder}; run the rollback_staging_column job to remove it, or set "
+            "EMBEDDING_MODEL and VECTOR_TYPE back"
         )
     if state.has(table.live_column) and state.models.get(table.live_column) == wanted:
         return table.live_column

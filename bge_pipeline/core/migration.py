@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import psycopg
@@ -14,6 +14,7 @@ import psycopg
 from bge_pipeline.core import sql
 from bge_pipeline.core.backfill import Backfill, BackfillStats, Batch, write_vectors
 from bge_pipeline.core.catalog import (
+    Index,
     MigrationError,
     RecordedModel,
     TableState,
@@ -46,6 +47,10 @@ class MigrationTarget:
     max_retries: int = 3
     retry_base_seconds: float = 1.0
     ivfflat_lists: Optional[int] = None
+    index_type: str = "ivfflat"
+    hnsw_m: Optional[int] = None
+    hnsw_ef_construction: Optional[int] = None
+    vector_type: str = "vector"
     keep_old_embeddings: bool = True
     disk_check: bool = True
 
@@ -64,6 +69,10 @@ class MigrationTarget:
             batch_rows=settings.backfill_batch_rows,
             max_retries=settings.backfill_max_retries,
             ivfflat_lists=settings.ivfflat_lists,
+            index_type=settings.index_type,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            vector_type=settings.vector_type,
             keep_old_embeddings=settings.keep_old_embeddings,
             disk_check=settings.disk_check,
         )
@@ -71,6 +80,23 @@ class MigrationTarget:
     @property
     def staging_column(self) -> str:
         return f"{self.embedding_column}_{self.dimensions}"
+
+    @property
+    def recorded(self) -> RecordedModel:
+        """The record a column this target writes carries."""
+        return RecordedModel(self.model, self.dimensions, self.vector_type)
+
+    @property
+    def index(self) -> IndexSpec:
+        return IndexSpec(self.index_type, self.vector_type, self.ivfflat_lists, self.hnsw_m, self.hnsw_ef_construction)
+
+    def conversion_source(self, state: TableState) -> Optional[str]:
+        """The live column when it holds this model's vectors in another type (VECTOR_TYPE changed after the
+        swap): the staging column is then filled from it by a cast, no encoder needed."""
+        live = state.models.get(state.table.live_column)
+        if live is None or (live.model, live.dimensions) != (self.model, self.dimensions):
+            return None
+        return state.table.live_column if live.vector_type != self.vector_type else None
 
     def read_state(self, conn: psycopg.Connection) -> TableState:
         return read_table_state(
@@ -84,7 +110,7 @@ class MigrationTarget:
         )
 
     def writable_column(self, state: TableState) -> Optional[str]:
-        return writable_column(state, self.model, self.dimensions)
+        return writable_column(state, self.recorded)
 
     def target_column(self, state: TableState) -> str:
         """The column this model fills; an error naming the missing step when there is none yet."""
@@ -102,6 +128,40 @@ def ivfflat_lists(rows: int, override: Optional[int] = None) -> int:
     return override or min(1000, max(100, int(math.sqrt(rows))))
 
 
+@dataclass(frozen=True)
+class IndexSpec:
+    """The index a column should have: INDEX_TYPE under the cosine operator class of VECTOR_TYPE, with its
+    build parameters (None: the guide's formula for lists, pgvector's defaults for m and ef_construction)."""
+
+    method: str = "ivfflat"
+    vector_type: str = "vector"
+    lists: Optional[int] = None
+    m: Optional[int] = None
+    ef_construction: Optional[int] = None
+
+    def options(self, rows: int) -> dict[str, int]:
+        """The WITH (...) parameters of the build on `rows` vectors."""
+        if self.method == "ivfflat":
+            return {"lists": ivfflat_lists(rows, self.lists)}
+        given = {"m": self.m, "ef_construction": self.ef_construction}
+        return {name: value for name, value in given.items() if value is not None}
+
+    def met_by(self, index: Index, column: str) -> bool:
+        """Whether an existing index is this one: same method and operator class, and every parameter given
+        explicitly equal (the lists formula's value changes with the rows, so a kept index is not rebuilt for it)."""
+        explicit = (
+            {"lists": self.lists}
+            if self.method == "ivfflat"
+            else {"m": self.m, "ef_construction": self.ef_construction}
+        )
+        return (
+            index.serves(column)
+            and index.method == self.method
+            and index.opclass == sql.cosine_opclass(self.vector_type)
+            and all(value is None or index.option(name) == value for name, value in explicit.items())
+        )
+
+
 # --- Phase 1 ----------------------------------------------------------------------------------------------
 
 
@@ -110,6 +170,7 @@ class StagingResult:
     column: str
     created: bool
     migrated: bool
+    converted_from: Optional[str] = None  # the live column, when this model's vectors change type only
 
 
 def prepare_staging_column(db: Database, migration: MigrationTarget, encoder: EncoderSource) -> StagingResult:
@@ -123,8 +184,10 @@ def prepare_staging_column(db: Database, migration: MigrationTarget, encoder: En
         if recorded:  # a state table from before backups had a kind of their own gains it now
             for statement in sql.UPGRADE_STATE_TABLE:
                 conn.execute(statement)
-        needs_column = not recorded or migration.writable_column(migration.read_state(conn)) is None
-    if needs_column:
+        current = migration.read_state(conn) if recorded else None
+        needs_column = current is None or migration.writable_column(current) is None
+        converting = current is not None and migration.conversion_source(current) is not None
+    if needs_column and not converting:
         # The model loads before anything is made, so a model of another dimension is refused with the database as
         # it was (Encoder.load refuses it; an encoder given already loaded is checked here).
         model = resolve_encoder(encoder)
@@ -143,17 +206,22 @@ def prepare_staging_column(db: Database, migration: MigrationTarget, encoder: En
                     "EMBEDDING_MODEL, or run the rollback_staging_column job with it before changing models"
                 )
             column = table.staging_column
-            conn.execute(sql.add_vector_column(table, column, migration.dimensions))
-            conn.execute(sql.UPSERT_MODEL, (table.schema, table.name, column, migration.model, migration.dimensions))
-            conn.execute(
-                sql.comment_column(table, column, f"bge-pipeline: {migration.model} ({migration.dimensions} dims)")
-            )
+            conn.execute(sql.add_vector_column(table, column, migration.dimensions, migration.vector_type))
+            conn.execute(sql.UPSERT_MODEL, migration.recorded.row(table.schema, table.name, column))
+            conn.execute(sql.comment_column(table, column, column_comment(migration.recorded)))
             created = True
         else:
             created = False
-        for statement in sql.create_stale_vector_trigger(table, [column]):
+        source = migration.conversion_source(state)
+        # While a column is converted from the live one, a changed text must stale both: else the cast would
+        # copy the old text's vector into the new column.
+        for statement in sql.create_stale_vector_trigger(table, [column, *([source] if source else [])]):
             conn.execute(statement)
-    return StagingResult(column=column, created=created, migrated=column == table.live_column)
+    return StagingResult(column=column, created=created, migrated=column == table.live_column, converted_from=source)
+
+
+def column_comment(recorded: RecordedModel) -> str:
+    return f"bge-pipeline: {recorded.model} ({recorded.vector_type}, {recorded.dimensions} dims)"
 
 
 # --- Phase 2 ----------------------------------------------------------------------------------------------
@@ -171,6 +239,8 @@ def backfill(
     with db.connect() as conn:
         state = migration.read_state(conn)
     column = migration.target_column(state)
+    source = migration.conversion_source(state)
+    copied = copy_converted(db, state.table, source, column, migration, buckets, log) if source else 0
     stats = Backfill(
         db=db,
         encoder=encoder,
@@ -184,7 +254,28 @@ def backfill(
         log=log,
         on_batch=on_batch,
     ).run()
+    stats.rows_copied = copied
     return column, stats
+
+
+def copy_converted(
+    db: Database, table: Table, source: str, column: str, migration: MigrationTarget, buckets: list[int], log: Any
+) -> int:
+    """Fill `column` from `source` by a cast, batch by batch (one commit each): VECTOR_TYPE changed, the model
+    did not, so no text is encoded again. Rows the source lacks are left to the encoder."""
+    statement = sql.copy_by_cast(table, source, column, migration.vector_type, migration.partitions)
+    copied = 0
+    while True:
+        with db.connect() as conn:
+            rows = conn.execute(statement, {"scope": buckets, "limit": migration.batch_rows}).rowcount
+        copied += rows
+        if rows == 0:
+            break
+    if copied:
+        log.info(
+            f"Copied {copied:,} vectors of {table.name}.{source} into {column} as {migration.vector_type} (no encoding)"
+        )
+    return copied
 
 
 # --- the index --------------------------------------------------------------------------------------------
@@ -194,48 +285,73 @@ def backfill(
 class IndexResult:
     column: str
     name: str
-    lists: int
+    method: str
+    opclass: str
+    options: dict[str, int]
     rows: int
     built: bool
     seconds: float
+    retired: list[str] = field(default_factory=list)  # the other method's index, dropped once this one was valid
+
+    @property
+    def lists(self) -> Optional[int]:
+        return self.options.get("lists")
 
 
 def build_index(db: Database, migration: MigrationTarget, log: logging.Logger) -> IndexResult:
-    """IVFFLAT with vector_cosine_ops on the model's column; kept when a valid one exists, rebuilt when not."""
+    """INDEX_TYPE under VECTOR_TYPE's cosine operator class on the model's column; kept when a valid one with the
+    wanted parameters exists, rebuilt when not."""
     with db.connect() as conn:
         state = migration.read_state(conn)
-    return ensure_index(db, state, migration.target_column(state), migration.ivfflat_lists, log)
+    return ensure_index(db, state, migration.target_column(state), migration.index, log)
 
 
-def ensure_index(
-    db: Database, state: TableState, column: str, lists_override: Optional[int], log: logging.Logger
-) -> IndexResult:
-    """Build the IVFFLAT index of `column` unless a valid one with the wanted parameters exists."""
+def ensure_index(db: Database, state: TableState, column: str, spec: IndexSpec, log: logging.Logger) -> IndexResult:
+    """Give `column` the index `spec` names. Changing INDEX_TYPE builds the new index beside the old one (both
+    CONCURRENTLY) and drops the old one only once the new one is valid: searches keep an index throughout."""
     table = state.table
     with db.connect() as conn:
         rows = scalar(conn, sql.count_vectors(table, column))
-    name = table.index_name(column)
-    lists = ivfflat_lists(rows, lists_override)
+    name = table.index_name(column, spec.method)
     existing = state.index(name)
-    if existing and existing.serves(column) and lists_override in (None, existing.lists):
-        return IndexResult(column, name, existing.lists or lists, rows, built=False, seconds=0.0)
+    others = [table.index_name(column, method) for method in sql.INDEX_METHODS if method != spec.method]
+    retired = [other for other in others if state.index(other) is not None]
+    opclass = sql.cosine_opclass(spec.vector_type)
     started = time.perf_counter()
+    built = not (existing and spec.met_by(existing, column))
+    options = spec.options(rows) if built else _kept_options(existing, spec)
     with db.connect(autocommit=True) as conn:
-        if existing:
-            log.info(f"Dropping index {name} ({'invalid' if not existing.valid else 'other parameters'})")
-            conn.execute(sql.drop_index(table, name))
-        log.info(f"Building IVFFLAT index {name} on {table.name}.{column}: {rows:,} vectors, lists={lists}")
-        try:
-            for statement in sql.INDEX_BUILD_SETTINGS:
-                conn.execute(statement)
-            with _IndexProgress(db, table, log):
-                conn.execute(sql.create_ivfflat_index(table, column, name, lists))
-        finally:
-            if not conn.closed:
-                for statement in sql.INDEX_BUILD_RESET:
+        if built:
+            if existing:
+                log.info(f"Dropping index {name} ({'invalid' if not existing.valid else 'other parameters'})")
+                conn.execute(sql.drop_index(table, name))
+            described = ", ".join(f"{k}={v}" for k, v in options.items()) or "pgvector's defaults"
+            log.info(
+                f"Building {spec.method.upper()} index {name} on {table.name}.{column} ({opclass}, {described}): {rows:,} vectors"
+            )
+            try:
+                for statement in sql.INDEX_BUILD_SETTINGS:
                     conn.execute(statement)
-        conn.execute(sql.analyze(table))
-    return IndexResult(column, name, lists, rows, built=True, seconds=time.perf_counter() - started)
+                with _IndexProgress(db, table, log):
+                    conn.execute(sql.create_index(table, column, name, spec.method, spec.vector_type, options))
+            finally:
+                if not conn.closed:
+                    for statement in sql.INDEX_BUILD_RESET:
+                        conn.execute(statement)
+            conn.execute(sql.analyze(table))
+        for other in retired:
+            log.info(f"Dropping {other}: INDEX_TYPE={spec.method} replaced it with {name}")
+            conn.execute(sql.drop_index(table, other))
+        conn.execute(sql.SET_INDEX_TYPE, (spec.method, table.schema, table.name, column))
+    seconds = time.perf_counter() - started if built else 0.0
+    return IndexResult(column, name, spec.method, opclass, options, rows, built, seconds, retired)
+
+
+def _kept_options(index: Optional[Index], spec: IndexSpec) -> dict[str, int]:
+    """A kept index's parameters as the catalog has them (an HNSW parameter left default is not stored)."""
+    names = ("lists",) if spec.method == "ivfflat" else ("m", "ef_construction")
+    found = {name: index.option(name) for name in names} if index else {}
+    return {name: value for name, value in found.items() if value is not None}
 
 
 class _IndexProgress(threading.Thread):
@@ -289,13 +405,14 @@ def swap_columns(db: Database, migration: MigrationTarget, encoder: EncoderSourc
     with db.connect() as conn:
         state = migration.read_state(conn)
     table = state.table
+    live_index = table.index_name(table.live_column, migration.index_type)
     if migration.writable_column(state) == table.live_column:
-        return SwapResult(False, table.live_column, table.index_name(table.live_column), 0, None, None)
+        return SwapResult(False, table.live_column, live_index, 0, None, None)
     migration.target_column(state)  # refuses a staging column of another model, or none at all
-    ensure_index(db, state, table.staging_column, migration.ivfflat_lists, log)
+    ensure_index(db, state, table.staging_column, migration.index, log)
     old = state.columns.get(table.live_column)
     backup = None
-    if old is not None and migration.keep_old_embeddings and old.typname == "vector":
+    if old is not None and migration.keep_old_embeddings and old.is_vector:
         backup = back_up_old_vectors(db, state, old.vector_dimensions)
         log.info(f"Kept the old vectors of {table.name}.{table.live_column} in {backup}")
     index_pending_rows(db, state, log)
@@ -315,12 +432,12 @@ def swap_columns(db: Database, migration: MigrationTarget, encoder: EncoderSourc
                 # Writers keep adding rows between catch-up and lock: embed the last few under the lock.
                 topped_up += _embed_under_lock(conn, migration, table, encoder)
                 pending = scalar(conn, sql.count_pending(table, table.staging_column))
-            _refuse_unless_swappable(conn, migration, pending)
-            promote(conn, table, table.staging_column, RecordedModel(migration.model, migration.dimensions), True)
+            recorded = _refuse_unless_swappable(conn, migration, pending)
+            promote(conn, table, table.staging_column, recorded, True)
         return SwapResult(
             True,
             table.live_column,
-            table.index_name(table.live_column),
+            live_index,
             topped_up,
             backup,
             old.vector_dimensions if old else None,
@@ -350,8 +467,9 @@ def _embed_under_lock(
     return write_vectors(conn, table, table.staging_column, batch, resolve_encoder(encoder).encode(batch.texts))
 
 
-def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationTarget, pending: int) -> None:
-    """The swap's guards, checked under the table lock: each refusal names its reason and count."""
+def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationTarget, pending: int) -> RecordedModel:
+    """The swap's guards, checked under the table lock: each refusal names its reason and count; the staging
+    column's record when it may be swapped in."""
     state = migration.read_state(conn)
     table = state.table
     if pending:
@@ -371,11 +489,12 @@ def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationTarge
             f"EMBEDDING_DIMENSIONS={migration.dimensions} components"
         )
     recorded = state.models.get(table.staging_column)
-    if recorded != RecordedModel(migration.model, migration.dimensions):
+    if recorded is None or recorded != migration.recorded:
         raise MigrationError(
             f"Swap refused: {table.name}.{table.staging_column} holds "
             f"{recorded.model if recorded else 'unrecorded'} vectors, not EMBEDDING_MODEL={migration.model!r}"
         )
+    return recorded
 
 
 def promote(conn: psycopg.Connection, table: Table, column: str, model: RecordedModel, owned: bool) -> None:
@@ -383,10 +502,13 @@ def promote(conn: psycopg.Connection, table: Table, column: str, model: Recorded
     conn.execute(sql.drop_index_in_transaction(table, table.pending_index_name(column)))  # its work is done
     conn.execute(sql.drop_column(table, table.live_column))
     conn.execute(sql.rename_column(table, column, table.live_column))
-    conn.execute(sql.rename_index(table, table.index_name(column), table.index_name(table.live_column)))
+    for method in sql.INDEX_METHODS:
+        conn.execute(
+            sql.rename_index(table, table.index_name(column, method), table.index_name(table.live_column, method))
+        )
     conn.execute(sql.DELETE_MODEL, (table.schema, table.name, column))
-    conn.execute(sql.UPSERT_MODEL, (table.schema, table.name, table.live_column, model.model, model.dimensions))
-    conn.execute(sql.comment_column(table, table.live_column, f"bge-pipeline: {model.model} ({model.dimensions} dims)"))
+    conn.execute(sql.UPSERT_MODEL, model.row(table.schema, table.name, table.live_column))
+    conn.execute(sql.comment_column(table, table.live_column, column_comment(model)))
     # Only vectors this pipeline can recompute are NULLed when their text changes.
     statements = (
         sql.create_stale_vector_trigger(table, [table.live_column]) if owned else sql.drop_stale_vector_trigger(table)
@@ -400,9 +522,14 @@ def back_up_old_vectors(db: Database, state: TableState, dimensions: Optional[in
     table = state.table
     backup = table.backup_table(dimensions or 0)
     recorded = state.models.get(table.live_column)
+    live = state.columns.get(table.live_column)
+    kept = RecordedModel(
+        recorded.model if recorded else "unrecorded (before bge-pipeline)",
+        dimensions or 0,
+        live.typname if live is not None and live.is_vector else "vector",
+    )
     with db.connect() as conn:
         conn.execute(sql.drop_table(table.schema, backup))
         conn.execute(sql.create_backup_table(table, backup, table.live_column))
-        model = recorded.model if recorded else "unrecorded (before bge-pipeline)"
-        conn.execute(sql.UPSERT_BACKUP, (table.schema, table.name, backup, model, dimensions or 0))
+        conn.execute(sql.UPSERT_BACKUP, kept.row(table.schema, table.name, backup))
     return backup

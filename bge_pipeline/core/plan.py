@@ -18,7 +18,7 @@ from bge_pipeline.core import sql
 from bge_pipeline.core.catalog import MigrationError
 from bge_pipeline.core.database import Database, scalar
 from bge_pipeline.core.encoder import Encoder
-from bge_pipeline.core.migration import MigrationTarget, ivfflat_lists
+from bge_pipeline.core.migration import IndexSpec, MigrationTarget
 from bge_pipeline.core.quality import bounded_queries
 
 # Rows written a second by one backfill writer, 384-dim vectors into a table that keeps the guide's old IVFFLAT
@@ -26,9 +26,16 @@ from bge_pipeline.core.quality import bounded_queries
 WRITE_ROWS_PER_SECOND = 12_000
 # IVFFLAT build seconds per row x dimension x list: 100,000 x 384 with 316 lists took 4.9 s (maintenance_work_mem 1GB).
 INDEX_SECONDS_PER_ROW_DIMENSION_LIST = 4.9 / (100_000 * 384 * 316)
+# HNSW build seconds per row x dimension x ef_construction (`bench --index`, 100,000 x 384, m=16,
+# ef_construction=64, 2 parallel workers): see docs/performance.md.
+HNSW_SECONDS_PER_ROW_DIMENSION_EF = 60.0 / (100_000 * 384 * 64)
+HNSW_DEFAULT_M, HNSW_DEFAULT_EF_CONSTRUCTION = 16, 64
+# An HNSW element: its vector, 2m neighbours on layer 0 (6-byte item pointers, a few on upper layers) and headers.
+HNSW_ELEMENT_OVERHEAD_BYTES = 96
 # Copying the old vectors into the backup table (CREATE TABLE AS): sequential read and write.
 COPY_BYTES_PER_SECOND = 200 * 2**20
-VECTOR_HEADER_BYTES = 8  # pgvector's vector: 4-byte varlena header, 2-byte dimension count, 2 unused
+VECTOR_HEADER_BYTES = 8  # pgvector's vector and halfvec: 4-byte varlena header, 2-byte dimension count, 2 unused
+COMPONENT_BYTES = {"vector": 4, "halfvec": 2}
 TUPLE_OVERHEAD_BYTES = 32  # heap tuple header and line pointer, for the backup table's rows
 SAMPLE_TEXTS = 64
 # The quality checks: exact-search comparisons a second (384 dims; index_recall's 100 queries over 20,000 rows took
@@ -37,8 +44,29 @@ EXACT_COMPARISONS_PER_SECOND = 500_000
 AGREEMENT_CHECK_SECONDS = 12.0
 
 
-def vector_bytes(dimensions: int) -> int:
-    return 4 * dimensions + VECTOR_HEADER_BYTES
+def vector_bytes(dimensions: int, vector_type: str = "vector") -> int:
+    return COMPONENT_BYTES[vector_type] * dimensions + VECTOR_HEADER_BYTES
+
+
+def index_bytes(spec: IndexSpec, rows: int, dimensions: int) -> int:
+    """The index's size on `rows` vectors: IVFFLAT stores each vector once (plus the lists' centers); HNSW each
+    vector with its neighbour lists."""
+    vector = vector_bytes(dimensions, spec.vector_type)
+    if spec.method == "hnsw":
+        m = spec.m or HNSW_DEFAULT_M
+        return int(rows * 1.1 * (vector + 2 * m * 6 + HNSW_ELEMENT_OVERHEAD_BYTES))
+    return int((rows * 1.1 + spec.options(rows)["lists"]) * vector)
+
+
+def index_seconds(spec: IndexSpec, rows: int, dimensions: int) -> float:
+    if spec.method == "hnsw":
+        return (
+            rows
+            * dimensions
+            * (spec.ef_construction or HNSW_DEFAULT_EF_CONSTRUCTION)
+            * HNSW_SECONDS_PER_ROW_DIMENSION_EF
+        )
+    return rows * dimensions * spec.options(rows)["lists"] * INDEX_SECONDS_PER_ROW_DIMENSION_LIST
 
 
 @dataclass
@@ -57,7 +85,10 @@ class Plan:
     rows_total: int
     rows_with_text: int
     rows_pending: int
-    ivfflat_lists: int
+    vector_type: str
+    index_type: str
+    index_parameters: dict[str, int]
+    converting_from: Optional[str]  # the live column, when only VECTOR_TYPE changes: copied by a cast
     encode_texts_per_second: Optional[float]
     encode_device: Optional[str]
     bytes_by_part: dict[str, int]
@@ -94,11 +125,12 @@ class Plan:
         free = (
             "unknown (the server's disk is not visible from here)" if self.free_bytes is None else _mib(self.free_bytes)
         )
+        parameters = ", ".join(f"{k}={v}" for k, v in self.index_parameters.items()) or "pgvector's defaults"
         lines = [
             f"table           {self.table}: {self.rows_total:,} rows, {self.rows_with_text:,} with text, "
             f"{self.rows_pending:,} to embed",
-            f"model           {self.model} ({self.dimensions} dims), encoder {rate}",
-            f"index           IVFFLAT vector_cosine_ops, lists={self.ivfflat_lists}",
+            f"model           {self.model} ({self.vector_type}({self.dimensions})), encoder {rate}",
+            f"index           {self.index_type.upper()} {self.vector_type}_cosine_ops, {parameters}",
         ]
         for phase in self.phases:
             lines.append(f"{phase.name:<15} ~{phase.seconds:,.0f} s  {phase.does}; locks: {phase.locks}")
@@ -144,49 +176,62 @@ def plan_migration(database: Database, migration: MigrationTarget, encoder: Opti
         old = state.columns.get(table.live_column)
         old_dimensions = old.vector_dimensions if old is not None and column != table.live_column else None
         old_vectors = scalar(conn, sql.count_vectors(table, table.live_column)) if old_dimensions else 0
-        heap_bytes, index_bytes = conn.execute(sql.TABLE_SIZES, (table.schema, table.name)).fetchone() or (0, 0)
+        heap_bytes, index_bytes_now = conn.execute(sql.TABLE_SIZES, (table.schema, table.name)).fetchone() or (0, 0)
         migrated = column == table.live_column
-        indexed = any(index.serves(column) for index in state.indexes_on(column))
         texts = [row[0] for row in conn.execute(sql.sample_texts(table), (SAMPLE_TEXTS,)).fetchall()]
-    rate = measure_encoder(encoder, texts) if encoder is not None and texts and pending else None
-    lists = ivfflat_lists(with_text, migration.ivfflat_lists)
-    new_vectors = pending * vector_bytes(migration.dimensions)
+    source = migration.conversion_source(state)
+    rate = measure_encoder(encoder, texts) if encoder is not None and texts and pending and not source else None
+    spec = migration.index
+    live_index = state.search_index(column, spec.method)
+    indexed = live_index is not None and spec.met_by(live_index, column)
+    new_vectors = pending * vector_bytes(migration.dimensions, migration.vector_type)
     share = pending / max(total, 1)
     backup = (
-        old_vectors * (vector_bytes(old_dimensions) + TUPLE_OVERHEAD_BYTES)
-        if old_dimensions and migration.keep_old_embeddings
+        old_vectors * (vector_bytes(old_dimensions, old.typname) + TUPLE_OVERHEAD_BYTES)
+        if old is not None and old_dimensions and migration.keep_old_embeddings
         else 0
     )
     bytes_by_part = {
         "new column": new_vectors,
         # Every UPDATE leaves the old row version until VACUUM and adds entries to every index on the table.
         "row versions": int(heap_bytes * share),
-        "index entries": int(index_bytes * share),
-        "new index": 0 if indexed else int((with_text * 1.1 + lists) * vector_bytes(migration.dimensions)),
+        "index entries": int(index_bytes_now * share),
+        "new index": 0 if indexed else index_bytes(spec, with_text, migration.dimensions),
         "backup": backup,
     }
     bytes_by_part["WAL headroom"] = int((bytes_by_part["new column"] + bytes_by_part["new index"] + backup) * 0.5)
-    backfill_seconds = pending / min(rate or WRITE_ROWS_PER_SECOND, WRITE_ROWS_PER_SECOND) if pending else 0.0
-    index_seconds = 0.0 if indexed else with_text * migration.dimensions * lists * INDEX_SECONDS_PER_ROW_DIMENSION_LIST
+    # A cast copy has no encoder to wait for: it runs at the write rate.
+    backfill_rate = WRITE_ROWS_PER_SECOND if source else min(rate or WRITE_ROWS_PER_SECOND, WRITE_ROWS_PER_SECOND)
+    backfill_seconds = pending / backfill_rate if pending else 0.0
+    build_seconds = 0.0 if indexed else index_seconds(spec, with_text, migration.dimensions)
+    options = ", ".join(f"{k}={v}" for k, v in spec.options(with_text).items()) or "pgvector's defaults"
+    replacing = (
+        f", then DROP INDEX CONCURRENTLY the {live_index.method.upper()} one it replaces"
+        if live_index is not None and live_index.method != spec.method
+        else ""
+    )
     done = "nothing: done"
     phases = [
         Phase(
             "phase 1",
-            done if exists else f"add {column} vector({migration.dimensions})",
+            done if exists else f"add {column} {migration.vector_type}({migration.dimensions})",
             "ACCESS EXCLUSIVE for milliseconds",
             0.0 if exists else 0.1,
         ),
         Phase(
             "phase 2",
-            f"embed {pending:,} rows in batches of {migration.batch_rows:,}",
+            f"copy {pending:,} vectors from {source} as {migration.vector_type} (no encoding), batches of "
+            f"{migration.batch_rows:,}"
+            if source
+            else f"embed {pending:,} rows in batches of {migration.batch_rows:,}",
             "ROW EXCLUSIVE: only the rows of each batch, one commit a batch",
             backfill_seconds,
         ),
         Phase(
             "index",
-            done if indexed else f"CREATE INDEX CONCURRENTLY, lists={lists}",
+            done if indexed else f"CREATE INDEX CONCURRENTLY USING {spec.method} ({options}){replacing}",
             "SHARE UPDATE EXCLUSIVE: reads and writes go on",
-            index_seconds,
+            build_seconds,
         ),
         Phase(
             "backup",
@@ -218,7 +263,10 @@ def plan_migration(database: Database, migration: MigrationTarget, encoder: Opti
         rows_total=total,
         rows_with_text=with_text,
         rows_pending=pending,
-        ivfflat_lists=lists,
+        vector_type=migration.vector_type,
+        index_type=spec.method,
+        index_parameters=spec.options(with_text),
+        converting_from=source,
         encode_texts_per_second=rate,
         encode_device=encoder.device if rate and encoder else None,
         bytes_by_part=bytes_by_part,

@@ -118,7 +118,7 @@ def old_vectors(state: TableState, new_column: str) -> Optional[tuple[str, str]]
     """(relation, column) holding the previous model's vectors: the live column before the swap, its backup after."""
     table = state.table
     live = state.columns.get(table.live_column)
-    if new_column != table.live_column and live is not None and live.typname == "vector":
+    if new_column != table.live_column and live is not None and live.is_vector:
         return table.name, table.live_column
     backups = sorted(backup.relation for backup in state.backups.values())
     return (backups[0], table.live_column) if backups else None

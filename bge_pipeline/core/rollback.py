@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bge_pipeline.core import sql
 from bge_pipeline.core.catalog import Backup, MigrationError, RecordedModel, TableState
@@ -52,7 +52,8 @@ def drop_staging(db: Database, migration: MigrationTarget) -> None:
         state = migration.read_state(conn)
     table, column = state.table, _staging_or_refuse(state)
     with db.connect(autocommit=True) as conn:
-        conn.execute(sql.drop_index(table, table.index_name(column)))
+        for method in sql.INDEX_METHODS:
+            conn.execute(sql.drop_index(table, table.index_name(column, method)))
     with db.connect() as conn:
         conn.execute(sql.drop_column(table, column))
         conn.execute(sql.DELETE_MODEL, (table.schema, table.name, column))
@@ -90,7 +91,7 @@ def restore_backup(db: Database, migration: MigrationTarget, dimensions: int, lo
         state = migration.read_state(conn)
     table = state.table
     backup = _backup_or_refuse(state, dimensions)
-    recorded = RecordedModel(backup.model, backup.dimensions)
+    recorded = RecordedModel(backup.model, backup.dimensions, backup.vector_type)
     column = f"{table.live_column}_{dimensions}"
     if state.has(column) and state.models.get(column) != recorded:
         # Reusing it would put the backup's vectors beside another model's in one column.
@@ -100,19 +101,20 @@ def restore_backup(db: Database, migration: MigrationTarget, dimensions: int, lo
             f"{table.name}.{column} holds {owner}: remove it (rollback_staging_column) before restoring"
         )
     with db.connect() as conn:
-        conn.execute(sql.add_vector_column(table, column, dimensions))
-        conn.execute(sql.UPSERT_MODEL, (table.schema, table.name, column, backup.model, dimensions))
+        conn.execute(sql.add_vector_column(table, column, dimensions, backup.vector_type))
+        conn.execute(sql.UPSERT_MODEL, recorded.row(table.schema, table.name, column))
         conn.execute(sql.restore_from_backup(table, backup.relation, column, table.live_column))
     with db.connect() as conn:
         state = migration.read_state(conn)
-    ensure_index(db, state, column, None, log)
+    index = ensure_index(db, state, column, replace(migration.index, vector_type=backup.vector_type, lists=None), log)
+    recorded = replace(recorded, index_type=index.method)
     live = state.columns.get(table.live_column)
-    if live is not None and live.typname == "vector" and migration.keep_old_embeddings:
+    if live is not None and live.is_vector and migration.keep_old_embeddings:
         back_up_old_vectors(db, state, live.vector_dimensions)
     with db.connect() as conn:
         conn.execute(sql.SWAP_LOCK_TIMEOUT)
         conn.execute(sql.lock_table(table))
-        promote(conn, table, column, recorded, owned=recorded == RecordedModel(migration.model, migration.dimensions))
+        promote(conn, table, column, recorded, owned=recorded == migration.recorded)
     return backup.relation
 
 

@@ -23,6 +23,9 @@ from bge_pipeline.core.settings import Settings
 # 100 lists of a few rows each, and probing sqrt(lists) of them would return fewer rows than asked.
 OVERSAMPLING = 4
 ITERATIVE_SCAN_VERSION = (0, 8, 0)
+# hnsw.ef_search: pgvector's default and its ceiling. A scan returns at most ef_search rows unless iterative scans
+# (pgvector >= 0.8) go on past it, so the search path asks for at least as many as it wants.
+EF_SEARCH_DEFAULT, EF_SEARCH_MAX = 40, 1000
 
 
 class SearchError(ValueError):
@@ -50,6 +53,16 @@ class SearchTarget:
     lists: Optional[int]
     estimated_rows: int
     iterative_scan: bool
+    method: Optional[str] = None  # ivfflat, hnsw, or None without a usable index
+    vector_type: str = "vector"
+
+    def describe(self, probes: Optional[int]) -> str:
+        """How the last search used the index, for people: `x_idx (probes 10 of 100 lists)`."""
+        if self.index is None:
+            return "a sequential scan (no usable index on the column)"
+        if self.method == "hnsw":
+            return f"{self.index} (hnsw, ef_search {probes})"
+        return f"{self.index} (probes {probes} of {self.lists} lists)"
 
 
 @dataclass
@@ -88,6 +101,12 @@ def probes_for(lists: Optional[int], estimated_rows: int, limit: int) -> Optiona
     return max(1, min(lists, max(math.ceil(share * lists), needed)))
 
 
+def ef_search_for(limit: int) -> int:
+    """hnsw.ef_search for a query asking for `limit` rows: at least the rows wanted (pgvector's default of 40 would
+    cap RERANK_TOP_K=200 at 40 candidates), within pgvector's range."""
+    return max(EF_SEARCH_DEFAULT, min(limit, EF_SEARCH_MAX))
+
+
 def search_target(conn: psycopg.Connection, migration: MigrationTarget) -> SearchTarget:
     """The column the configured model owns, with its index; an error naming the fix when there is none."""
     state = migration.read_state(conn)
@@ -95,9 +114,7 @@ def search_target(conn: psycopg.Connection, migration: MigrationTarget) -> Searc
     if column is None:
         raise SearchError(_no_column_message(state, migration))
     table = state.table
-    name = table.index_name(column)
-    index = state.index(name)
-    usable = index is not None and index.serves(column)
+    index = state.search_index(column, migration.index_type)
     estimated = conn.execute(sql.ESTIMATED_ROWS, (table.schema, table.name)).fetchone()
     rows = int(estimated[0]) if estimated and estimated[0] is not None else -1
     if rows < 0:  # never analysed: count once rather than guess
@@ -106,10 +123,12 @@ def search_target(conn: psycopg.Connection, migration: MigrationTarget) -> Searc
     return SearchTarget(
         table=table,
         column=column,
-        index=name if usable else None,
-        lists=(index.lists if usable and index else None),
+        index=index.name if index else None,
+        lists=index.lists if index and index.method == "ivfflat" else None,
         estimated_rows=rows,
         iterative_scan=version is not None and _version_tuple(version[0]) >= ITERATIVE_SCAN_VERSION,
+        method=index.method if index else None,
+        vector_type=state.columns[column].typname,
     )
 
 
@@ -136,23 +155,31 @@ def retrieve(
     iterative_scan: Optional[bool] = None,
     complete: bool = True,
 ) -> tuple[list[Hit], Optional[int]]:
-    """The `limit` nearest rows through the index, and the probes used; the caller's transaction scopes the settings.
+    """The `limit` nearest rows through the index, and the probes (IVFFLAT) or ef_search (HNSW) used; the caller's
+    transaction scopes the settings.
 
-    `probes`, `iterative_scan` and `complete=False` override the search path's choices (the recall check uses
-    them to show what a bad setting costs).
+    `probes` (ef_search for HNSW), `iterative_scan` and `complete=False` override the search path's choices (the
+    recall check uses them to show what a bad setting costs).
     """
-    probes = probes if probes is not None else probes_for(target.lists, target.estimated_rows, limit)
     iterative = target.iterative_scan if iterative_scan is None else iterative_scan
+    candidates = sql.ann_candidates(target.table, target.column, target.vector_type)
+    # set_config(..., true) is SET LOCAL: the next query on this pooled connection gets the server default.
+    if target.method == "hnsw":
+        ef_search = probes if probes is not None else ef_search_for(limit)
+        conn.execute(sql.SET_EF_SEARCH, (str(ef_search),))
+        if iterative:
+            conn.execute(sql.SET_HNSW_ITERATIVE_SCAN)
+        return _fetch(conn, candidates, vector, limit), ef_search
+    probes = probes if probes is not None else probes_for(target.lists, target.estimated_rows, limit)
     if probes is not None:
-        # set_config(..., true) is SET LOCAL: the next query on this pooled connection gets the server default.
         conn.execute(sql.SET_PROBES, (str(probes),))
         if iterative:
             conn.execute(sql.SET_ITERATIVE_SCAN)
-    hits = _fetch(conn, sql.ann_candidates(target.table, target.column), vector, limit)
+    hits = _fetch(conn, candidates, vector, limit)
     if complete and len(hits) < limit and probes is not None and target.lists and probes < target.lists:
         # Without iterative scans (pgvector < 0.8) a probe can come back short: probing every list cannot.
         conn.execute(sql.SET_PROBES, (str(target.lists),))
-        hits = _fetch(conn, sql.ann_candidates(target.table, target.column), vector, limit)
+        hits = _fetch(conn, candidates, vector, limit)
         probes = target.lists
     return hits, probes
 
@@ -161,7 +188,7 @@ def exact_search(conn: psycopg.Connection, target: SearchTarget, vector: np.ndar
     """The true nearest rows: a sequential scan, the index switched off for this transaction only."""
     for statement in sql.DISABLE_INDEX_SCANS:
         conn.execute(statement)
-    return _fetch(conn, sql.nearest_neighbours(target.table, target.column), vector, limit)
+    return _fetch(conn, sql.nearest_neighbours(target.table, target.column, target.vector_type), vector, limit)
 
 
 def as_array(value: Any) -> np.ndarray:

@@ -19,6 +19,10 @@ DOTENV_FILE = ".env"
 EMPTY_IS_A_VALUE = frozenset({"EMBEDDING_QUERY_PREFIX"})
 
 Backend = Literal["auto", "torch", "onnx", "onnx-int8", "openvino"]
+IndexType = Literal["ivfflat", "hnsw"]
+VectorType = Literal["vector", "halfvec"]
+# pgvector indexes vectors of at most this many dimensions (halfvec stores 2 bytes a component, so twice as many).
+INDEXABLE_DIMENSIONS = {"vector": 2000, "halfvec": 4000}
 Count = Annotated[int, Field(ge=1, le=10**9)]
 
 
@@ -63,6 +67,10 @@ class Settings(BaseModel):
     embedding_text_column: str = "text"
     embedding_column: str = "embedding"
     ivfflat_lists: Optional[int] = Field(None, ge=1, le=32768)
+    index_type: IndexType = "ivfflat"
+    hnsw_m: Optional[int] = Field(None, ge=2, le=100)  # pgvector's limits; None: its default (16)
+    hnsw_ef_construction: Optional[int] = Field(None, ge=4, le=1000)  # None: pgvector's default (64)
+    vector_type: VectorType = "vector"
     backfill_batch_rows: int = Field(1000, ge=1, le=1000000)
     backfill_partitions: int = Field(8, ge=1, le=1024)
     backfill_max_retries: int = Field(3, ge=0, le=100)
@@ -131,6 +139,18 @@ class Settings(BaseModel):
             )
         if self.embedding_id_column == self.embedding_text_column:
             raise ValueError("EMBEDDING_ID_COLUMN and EMBEDDING_TEXT_COLUMN name the same column")
+        limit = INDEXABLE_DIMENSIONS[self.vector_type]
+        if self.embedding_dimensions > limit:
+            hint = ": set VECTOR_TYPE=halfvec" if self.embedding_dimensions <= INDEXABLE_DIMENSIONS["halfvec"] else ""
+            raise ValueError(
+                f"EMBEDDING_DIMENSIONS={self.embedding_dimensions} is more than pgvector can index as "
+                f"VECTOR_TYPE={self.vector_type} ({limit:,}){hint}"
+            )
+        m, ef_construction = self.hnsw_m or 16, self.hnsw_ef_construction or 64
+        if ef_construction < 2 * m:
+            raise ValueError(
+                f"HNSW_EF_CONSTRUCTION={ef_construction} must be at least twice HNSW_M={m} (pgvector's rule)"
+            )
         return self
 
     @property

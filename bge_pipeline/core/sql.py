@@ -12,8 +12,17 @@ from dataclasses import dataclass
 from psycopg import sql
 
 STATE_TABLE = "bge_pipeline_models"
-INDEX_OPCLASS = "vector_cosine_ops"  # matches `<=>`, the operator every query here uses
+VECTOR_TYPES = ("vector", "halfvec")
+INDEX_METHODS = ("ivfflat", "hnsw")
 INTEGER_TYPES = ("smallint", "integer", "bigint")
+
+
+def cosine_opclass(vector_type: str) -> str:
+    """The operator class of `<=>`, the operator every query here uses, for the column's type."""
+    return f"{vector_type}_cosine_ops"
+
+
+COSINE_OPCLASSES = tuple(cosine_opclass(vector_type) for vector_type in VECTOR_TYPES)
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,8 @@ class Table:
     def text(self) -> sql.Identifier:
         return sql.Identifier(self.text_column)
 
-    def index_name(self, column: str) -> str:
-        return _identifier(f"{self.name}_{column}_ivfflat_idx")
+    def index_name(self, column: str, method: str = "ivfflat") -> str:
+        return _identifier(f"{self.name}_{column}_{method}_idx")
 
     def pending_index_name(self, column: str) -> str:
         return _identifier(f"{self.name}_{column}_pending_idx")
@@ -92,6 +101,8 @@ CREATE_STATE_TABLE = sql.SQL(
         dimensions integer NOT NULL,
         recorded_at timestamptz NOT NULL DEFAULT now(),
         kind text NOT NULL DEFAULT 'column' CHECK (kind IN ('column', 'backup')),
+        vector_type text NOT NULL DEFAULT 'vector',
+        index_type text,
         PRIMARY KEY (schema_name, table_name, column_name)
     )
     """
@@ -103,6 +114,10 @@ UPGRADE_STATE_TABLE = [
         "ALTER TABLE {state} ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT 'column' "
         "CHECK (kind IN ('column', 'backup'))"
     ).format(state=sql.Identifier(STATE_TABLE)),
+    sql.SQL("ALTER TABLE {state} ADD COLUMN IF NOT EXISTS vector_type text NOT NULL DEFAULT 'vector'").format(
+        state=sql.Identifier(STATE_TABLE)
+    ),
+    sql.SQL("ALTER TABLE {state} ADD COLUMN IF NOT EXISTS index_type text").format(state=sql.Identifier(STATE_TABLE)),
     sql.SQL(
         "UPDATE {state} SET kind = 'backup' "
         "WHERE kind = 'column' AND to_regclass(format('%I.%I', schema_name, column_name)) IS NOT NULL"
@@ -112,19 +127,27 @@ UPGRADE_STATE_TABLE = [
 STATE_TABLE_EXISTS = sql.SQL("SELECT to_regclass({state}) IS NOT NULL").format(state=sql.Literal(STATE_TABLE))
 
 SELECT_MODELS = sql.SQL(
-    "SELECT column_name, model, dimensions, kind FROM {state} WHERE schema_name = %s AND table_name = %s"
+    "SELECT column_name, model, dimensions, kind, vector_type, index_type FROM {state} "
+    "WHERE schema_name = %s AND table_name = %s"
 ).format(state=sql.Identifier(STATE_TABLE))
 
 _UPSERT_RECORD = """
-    INSERT INTO {state} (schema_name, table_name, column_name, model, dimensions, kind)
-    VALUES (%s, %s, %s, %s, %s, {kind})
+    INSERT INTO {state} (schema_name, table_name, column_name, model, dimensions, vector_type, index_type, kind)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, {kind})
     ON CONFLICT (schema_name, table_name, column_name)
-    DO UPDATE SET model = EXCLUDED.model, dimensions = EXCLUDED.dimensions, kind = EXCLUDED.kind, recorded_at = now()
+    DO UPDATE SET model = EXCLUDED.model, dimensions = EXCLUDED.dimensions, vector_type = EXCLUDED.vector_type,
+                  index_type = EXCLUDED.index_type, kind = EXCLUDED.kind, recorded_at = now()
     """
-# (schema, table, column, model, dimensions): which model's vectors a column of the table holds.
+# (schema, table, column, model, dimensions, vector type, index type): which model's vectors a column of the
+# table holds, stored how, and indexed how (NULL: not yet).
 UPSERT_MODEL = sql.SQL(_UPSERT_RECORD).format(state=sql.Identifier(STATE_TABLE), kind=sql.Literal("column"))
-# (schema, table, backup table, model, dimensions): a table of old vectors kept by a swap.
+# (schema, table, backup table, model, dimensions, vector type, NULL): a table of old vectors kept by a swap.
 UPSERT_BACKUP = sql.SQL(_UPSERT_RECORD).format(state=sql.Identifier(STATE_TABLE), kind=sql.Literal("backup"))
+
+# (index type, schema, table, column): the index the column has now.
+SET_INDEX_TYPE = sql.SQL(
+    "UPDATE {state} SET index_type = %s WHERE schema_name = %s AND table_name = %s AND column_name = %s"
+).format(state=sql.Identifier(STATE_TABLE))
 
 DELETE_MODEL = sql.SQL("DELETE FROM {state} WHERE schema_name = %s AND table_name = %s AND column_name = %s").format(
     state=sql.Identifier(STATE_TABLE)
@@ -177,10 +200,20 @@ INDEX_BUILD_PROGRESS = sql.SQL(
 # --- phase 1: the staging column ------------------------------------------------------------------------
 
 
-def add_vector_column(table: Table, column: str, dimensions: int) -> sql.Composed:
-    return sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} vector({d})").format(
-        t=table.ident, c=sql.Identifier(column), d=sql.Literal(dimensions)
+def add_vector_column(table: Table, column: str, dimensions: int, vector_type: str) -> sql.Composed:
+    return sql.SQL("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {c} {type}({d})").format(
+        t=table.ident, c=sql.Identifier(column), type=_vector_type(vector_type), d=sql.Literal(dimensions)
     )
+
+
+def _known_type(vector_type: str) -> str:
+    if vector_type not in VECTOR_TYPES:  # a type name cannot be a parameter: only the known ones are composed
+        raise ValueError(f"VECTOR_TYPE={vector_type!r} is not one of {', '.join(VECTOR_TYPES)}")
+    return vector_type
+
+
+def _vector_type(vector_type: str) -> sql.SQL:
+    return sql.SQL(_known_type(vector_type))
 
 
 def comment_column(table: Table, column: str, comment: str | None) -> sql.Composed:
@@ -297,6 +330,28 @@ def write_batch(table: Table, column: str) -> sql.Composed:
     )
 
 
+def copy_by_cast(table: Table, source: str, column: str, vector_type: str, buckets: int) -> sql.Composed:
+    """A batch of `source`'s vectors into `column` as `vector_type`: the same model's vectors stored another way
+    (VECTOR_TYPE changed) need no encoder. Keyset-paged like the backfill, one commit a batch."""
+    return sql.SQL(
+        """
+        WITH batch AS (
+            SELECT {id} FROM {t}
+            WHERE {c} IS NULL AND {s} IS NOT NULL AND {bucket} = ANY(%(scope)s)
+            ORDER BY {id} LIMIT %(limit)s
+        )
+        UPDATE {t} AS t SET {c} = t.{s}::{type} FROM batch WHERE t.{id} = batch.{id}
+        """
+    ).format(
+        id=table.id,
+        t=table.ident,
+        c=sql.Identifier(column),
+        s=sql.Identifier(source),
+        type=_vector_type(vector_type),
+        bucket=table.bucket_expr(buckets),
+    )
+
+
 # For the rest of the write's transaction: look each row up by its id. Left to itself the planner hash-joins the
 # batch against a sequential scan of the whole table, computing md5 of every row's text for every batch (measured:
 # 17k rows/s against 32k on 10,000 rows, and quadratic in the table's size). catalog.require_table ensures the id
@@ -323,17 +378,32 @@ def count_vectors(table: Table, column: str) -> sql.Composed:
     return sql.SQL("SELECT count({c}) FROM {t}").format(t=table.ident, c=sql.Identifier(column))
 
 
-def create_ivfflat_index(table: Table, column: str, index: str, lists: int) -> sql.Composed:
+def create_index(
+    table: Table, column: str, index: str, method: str, vector_type: str, options: dict[str, int]
+) -> sql.Composed:
+    """IVFFLAT or HNSW under the cosine operator class of the column's type, with its build parameters
+    (`lists`; `m`, `ef_construction`), each left to pgvector's default when not given."""
     # CONCURRENTLY: writers keep writing while a large index builds; a killed build leaves an INVALID index,
     # which the index asset drops and rebuilds.
-    return sql.SQL(
-        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {i} ON {t} USING ivfflat ({c} {opclass}) WITH (lists = {lists})"
-    ).format(
+    if method not in INDEX_METHODS:
+        raise ValueError(f"INDEX_TYPE={method!r} is not one of {', '.join(INDEX_METHODS)}")
+    with_options = (
+        sql.SQL(" WITH ({})").format(
+            sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(int(value)))
+                for name, value in options.items()
+            )
+        )
+        if options
+        else sql.SQL("")
+    )
+    return sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {i} ON {t} USING {method} ({c} {opclass}){options}").format(
         i=sql.Identifier(index),
         t=table.ident,
+        method=sql.SQL(method),
         c=sql.Identifier(column),
-        opclass=sql.SQL(INDEX_OPCLASS),
-        lists=sql.Literal(lists),
+        opclass=sql.SQL(cosine_opclass(_known_type(vector_type))),
+        options=with_options,
     )
 
 
@@ -419,18 +489,21 @@ def analyze(table: Table) -> sql.Composed:
 # --- search ---------------------------------------------------------------------------------------------
 
 
-def nearest_neighbours(table: Table, column: str) -> sql.Composed:
+def nearest_neighbours(table: Table, column: str, vector_type: str) -> sql.Composed:
+    """The query vector is cast to the column's type: the index serves `<=>` only between two of that type."""
     return sql.SQL(
         """
-        SELECT {id}, {text}, {c} <=> %(query)s::vector AS distance
+        SELECT {id}, {text}, {c} <=> %(query)s::{type} AS distance
         FROM {t} WHERE {c} IS NOT NULL
-        ORDER BY {c} <=> %(query)s::vector LIMIT %(limit)s
+        ORDER BY {c} <=> %(query)s::{type} LIMIT %(limit)s
         """
-    ).format(id=table.id, text=table.text, c=sql.Identifier(column), t=table.ident)
+    ).format(id=table.id, text=table.text, c=sql.Identifier(column), t=table.ident, type=_vector_type(vector_type))
 
 
 SET_PROBES = sql.SQL("SELECT set_config('ivfflat.probes', %s, true)")
 SET_ITERATIVE_SCAN = sql.SQL("SELECT set_config('ivfflat.iterative_scan', 'relaxed_order', true)")
+SET_EF_SEARCH = sql.SQL("SELECT set_config('hnsw.ef_search', %s, true)")
+SET_HNSW_ITERATIVE_SCAN = sql.SQL("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
 DISABLE_INDEX_SCANS = [
     sql.SQL("SELECT set_config('enable_indexscan', 'off', true)"),
     sql.SQL("SELECT set_config('enable_bitmapscan', 'off', true)"),
@@ -463,10 +536,10 @@ ESTIMATED_ROWS = sql.SQL(
 )
 
 
-def ann_candidates(table: Table, column: str) -> sql.Composed:
+def ann_candidates(table: Table, column: str, vector_type: str) -> sql.Composed:
     """The index's nearest rows, re-sorted: iterative scans in relaxed_order may return them slightly out of order."""
     return sql.SQL("WITH candidates AS MATERIALIZED ({inner}) SELECT * FROM candidates ORDER BY distance").format(
-        inner=nearest_neighbours(table, column)
+        inner=nearest_neighbours(table, column, vector_type)
     )
 
 

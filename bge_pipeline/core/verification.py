@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from bge_pipeline.core import sql
@@ -31,10 +31,11 @@ class ColumnFacts:
     index_method: Optional[str]
     index_operator_class: Optional[str]
     index_lists: Optional[int]
+    index_parameters: list[str] = field(default_factory=list)
 
     def lines(self, label: str) -> list[str]:
         index = (
-            f"{self.index} ({self.index_method}, {self.index_operator_class}, lists={self.index_lists})"
+            f"{self.index} ({', '.join([str(self.index_method), str(self.index_operator_class), *self.index_parameters])})"
             if self.index
             else "none"
         )
@@ -59,7 +60,7 @@ class Verification:
             self.phase == SWAPPED
             and live is not None
             and live.missing == 0
-            and live.index_operator_class == sql.INDEX_OPCLASS
+            and live.index_operator_class in sql.COSINE_OPCLASSES
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -74,14 +75,14 @@ class Verification:
         return [*lines, f"migration       {'complete' if self.complete else 'NOT complete'}"]
 
 
-def _facts(conn: Any, state: TableState, column: str) -> Optional[ColumnFacts]:
+def _facts(conn: Any, state: TableState, column: str, index_type: str) -> Optional[ColumnFacts]:
     table = state.table
     found = state.columns.get(column)
     if found is None:
         return None
     with_text, populated, missing = conn.execute(sql.verify_counts(table, column)).fetchone()
     recorded = state.models.get(column)
-    index: Optional[Index] = next(iter(state.indexes_on(column)), None)
+    index: Optional[Index] = state.search_index(column, index_type) or next(iter(state.indexes_on(column)), None)
     return ColumnFacts(
         column=column,
         declared_type=found.type,
@@ -93,6 +94,7 @@ def _facts(conn: Any, state: TableState, column: str) -> Optional[ColumnFacts]:
         index_method=index.method if index else None,
         index_operator_class=index.opclass if index else None,
         index_lists=index.lists if index else None,
+        index_parameters=list(index.options) if index else [],
     )
 
 
@@ -101,8 +103,8 @@ def verify(db: Database, migration: MigrationTarget) -> Verification:
     with db.connect() as conn:
         state = migration.read_state(conn)
         table = state.table
-        live = _facts(conn, state, table.live_column)
-        staging = _facts(conn, state, table.staging_column)
+        live = _facts(conn, state, table.live_column, migration.index_type)
+        staging = _facts(conn, state, table.staging_column, migration.index_type)
         try:
             column = migration.writable_column(state)
         except MigrationError:

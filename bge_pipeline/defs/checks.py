@@ -33,8 +33,8 @@ def _no_column(target: MigrationTarget) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset=embeddings,
-    description="The column is vector(EMBEDDING_DIMENSIONS) and every stored vector has that many components "
-    "(the declared type proves it without reading a row; a bare `vector` column is scanned).",
+    description="The column is VECTOR_TYPE(EMBEDDING_DIMENSIONS) (vector or halfvec) and every stored vector has "
+    "that many components (the declared type proves it without reading a row; a bare `vector` column is scanned).",
 )
 def embedding_dimensions(database: DatabaseResource, migration: MigrationResource) -> dg.AssetCheckResult:
     target = migration.target()
@@ -46,10 +46,12 @@ def embedding_dimensions(database: DatabaseResource, migration: MigrationResourc
     if declared is None:  # PostgreSQL enforces a declared dimension; only a bare `vector` can hold mixed sizes
         with database.get().connect() as conn:
             wrong = scalar(conn, sql.count_wrong_dimensions(state.table, column), (target.dimensions,))
+    declared_type = state.columns[column].typname
     return dg.AssetCheckResult(
-        passed=declared == target.dimensions and wrong == 0,
+        passed=declared == target.dimensions and wrong == 0 and declared_type == target.vector_type,
         metadata={
             "column": dg.MetadataValue.text(column),
+            "vector_type": dg.MetadataValue.text(declared_type),
             "declared_dimensions": dg.MetadataValue.int(declared or 0),
             "expected_dimensions": dg.MetadataValue.int(target.dimensions),
             "vectors_with_wrong_dimensions": dg.MetadataValue.int(wrong),
@@ -85,24 +87,25 @@ def embedding_null_count(database: DatabaseResource, migration: MigrationResourc
 @dg.asset_check(
     asset=embedding_index,
     blocking=True,
-    description="The IVFFLAT index exists, is valid and uses vector_cosine_ops, the operator class of `<=>`.",
+    description="The INDEX_TYPE index (IVFFLAT or HNSW) exists, is valid and uses the cosine operator class of the "
+    "column's type (vector_cosine_ops or halfvec_cosine_ops), the one `<=>` needs.",
 )
 def embedding_index_usable(database: DatabaseResource, migration: MigrationResource) -> dg.AssetCheckResult:
     target = migration.target()
     state, column = _model_column(database, target)
     if column is None:
         return _no_column(target)
-    name = state.table.index_name(column)
+    name = state.table.index_name(column, target.index_type)
     index = state.index(name)
     return dg.AssetCheckResult(
-        passed=bool(index and index.serves(column)),
+        passed=bool(index and target.index.met_by(index, column)),
         metadata={
             "index": dg.MetadataValue.text(name),
             "exists": dg.MetadataValue.bool(index is not None),
             "valid": dg.MetadataValue.bool(bool(index and index.valid)),
             "method": dg.MetadataValue.text(index.method if index else "-"),
             "operator_class": dg.MetadataValue.text(index.opclass if index else "-"),
-            "lists": dg.MetadataValue.int((index.lists or 0) if index else 0),
+            "parameters": dg.MetadataValue.text(", ".join(index.options) if index else "-"),
         },
     )
 
@@ -118,12 +121,13 @@ def live_embedding_model(database: DatabaseResource, migration: MigrationResourc
     live = state.table.live_column
     recorded = state.models.get(live)
     column = state.columns.get(live)
-    index = state.index(state.table.index_name(live))
+    index = state.index(state.table.index_name(live, target.index_type))
     passed = (
         recorded is not None
         and recorded.model == target.model
         and column is not None
         and column.vector_dimensions == target.dimensions
+        and column.typname == target.vector_type
         and not state.has(state.table.staging_column)
         and index is not None
         and index.valid
@@ -132,7 +136,9 @@ def live_embedding_model(database: DatabaseResource, migration: MigrationResourc
         passed=passed,
         metadata={
             "recorded_model": dg.MetadataValue.text(recorded.model if recorded else "-"),
+            "declared_type": dg.MetadataValue.text(column.type if column else "-"),
             "declared_dimensions": dg.MetadataValue.int((column.vector_dimensions or 0) if column else 0),
+            "index": dg.MetadataValue.text(index.describe() if index else "-"),
             "staging_column_left": dg.MetadataValue.bool(state.has(state.table.staging_column)),
             "index_valid": dg.MetadataValue.bool(bool(index and index.valid)),
         },

@@ -18,7 +18,7 @@ class IndexRecallConfig(dg.Config):
     sample_rows: int = 100
     k: int = 10
     candidates: Optional[int] = None  # None: RERANK_TOP_K, what the search path retrieves
-    probes: Optional[int] = None  # None: the probes search_segments would use
+    probes: Optional[int] = None  # None: the probes (ef_search for HNSW) search_segments would use
     iterative_scan: Optional[bool] = None  # None: on where pgvector >= 0.8
     min_recall: float = quality.MIN_RECALL
 
@@ -39,13 +39,20 @@ def _target(database: DatabaseResource, migration: MigrationResource) -> SearchT
         return search_target(conn, migration.target())
 
 
+def _remedy(target: SearchTarget) -> str:
+    if target.method == "hnsw":
+        return "rebuild with a larger HNSW_EF_CONSTRUCTION or HNSW_M"
+    return "raise ivfflat.probes or rebuild with more lists (IVFFLAT_LISTS)"
+
+
 def _unavailable(error: Exception) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, description=str(error))
 
 
 @dg.asset_check(
     asset=embedding_index,
-    description="Recall@10 of the index with the search path's probes against exact search, with sampled rows as "
+    description="Recall@10 of the index with the search path's probes (IVFFLAT) or ef_search (HNSW) against exact "
+    "search, with sampled rows as "
     "queries: up to 100, fewer on large tables (at most 10M exact comparisons, at least 20 queries), so it costs "
     "the same at 1M rows as at 100k; warns below 0.95.",
 )
@@ -66,7 +73,7 @@ def index_recall(
         severity=dg.AssetCheckSeverity.WARN,
         description=(
             f"recall@{config.k} {recall.mean:.3f} over {recall.sampled_rows} sampled rows"
-            + ("" if passed else f": below {config.min_recall}; raise ivfflat.probes or rebuild with more lists")
+            + ("" if passed else f": below {config.min_recall}; {_remedy(target)}")
         ),
         metadata={
             f"recall_at_{config.k}": dg.MetadataValue.float(round(recall.mean, 4)),
@@ -75,6 +82,7 @@ def index_recall(
             "candidates": dg.MetadataValue.int(candidates),
             "probes": dg.MetadataValue.int(recall.probes or 0),
             "lists": dg.MetadataValue.int(target.lists or 0),
+            "index_method": dg.MetadataValue.text(target.method or "none"),
             "iterative_scan": dg.MetadataValue.bool(
                 target.iterative_scan if config.iterative_scan is None else config.iterative_scan
             ),

@@ -89,6 +89,10 @@ class MigrationResource(SettingsResource):
     backfill_batch_rows: int = 1000
     backfill_max_retries: int = 3
     ivfflat_lists: Optional[int] = None
+    index_type: str = "ivfflat"
+    hnsw_m: Optional[int] = None
+    hnsw_ef_construction: Optional[int] = None
+    vector_type: str = "vector"
     keep_old_embeddings: bool = True
     disk_check: bool = True
     reembed_min_pending: int = 1000

@@ -1,9 +1,8 @@
-"""The IVFFLAT index on the model's column, with the operator class the queries use."""
+"""The index on the model's column (INDEX_TYPE: IVFFLAT or HNSW), with the operator class the queries use."""
 
 import dagster as dg
 
 from bge_pipeline.core.migration import build_index
-from bge_pipeline.core.sql import INDEX_OPCLASS
 from bge_pipeline.defs.assets.column import GROUP
 from bge_pipeline.defs.assets.embeddings import embeddings
 from bge_pipeline.defs.resources import DatabaseResource, MigrationResource
@@ -14,7 +13,9 @@ from bge_pipeline.defs.resources import DatabaseResource, MigrationResource
     group_name=GROUP,
     kinds={"postgres", "pgvector"},
     owners=["team:search"],
-    description="IVFFLAT (vector_cosine_ops, matching `<=>`) on the new vectors, built before the swap so search never lacks an index.",
+    description="INDEX_TYPE (IVFFLAT, the default, or HNSW) under the cosine operator class of VECTOR_TYPE, matching "
+    "`<=>`, on the new vectors: built CONCURRENTLY before the swap so search never lacks an index. Changing "
+    "INDEX_TYPE builds the new index beside the old one, then drops the old one.",
 )
 def embedding_index(
     context: dg.AssetExecutionContext, database: DatabaseResource, migration: MigrationResource
@@ -24,8 +25,10 @@ def embedding_index(
         metadata={
             "index": dg.MetadataValue.text(result.name),
             "column": dg.MetadataValue.text(result.column),
-            "operator_class": dg.MetadataValue.text(INDEX_OPCLASS),
-            "lists": dg.MetadataValue.int(result.lists),
+            "method": dg.MetadataValue.text(result.method),
+            "operator_class": dg.MetadataValue.text(result.opclass),
+            **{name: dg.MetadataValue.int(value) for name, value in result.options.items()},
+            "replaced": dg.MetadataValue.text(", ".join(result.retired) or "-"),
             "rows": dg.MetadataValue.int(result.rows),
             "built": dg.MetadataValue.bool(result.built),
             "build_seconds": dg.MetadataValue.float(round(result.seconds, 3)),
