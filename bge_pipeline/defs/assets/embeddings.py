@@ -94,6 +94,7 @@ def backfill_metadata(column: str, stats: BackfillStats, model: str) -> dict[str
         "column": dg.MetadataValue.text(column),
         "rows_embedded": dg.MetadataValue.int(stats.rows_embedded),
         "texts_encoded": dg.MetadataValue.int(stats.texts_encoded),
+        "rows_copied": dg.MetadataValue.int(stats.rows_copied),  # cast from the live column: VECTOR_TYPE changed
         "rows_skipped_null_text": dg.MetadataValue.int(stats.rows_skipped_null_text),
         "rows_pending_before": dg.MetadataValue.int(stats.rows_pending_before),
         "rows_total": dg.MetadataValue.int(stats.rows_total),
