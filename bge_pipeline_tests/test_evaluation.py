@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bge_pipeline.core.corpus import Segment, load_segments
-from bge_pipeline.core.evaluation import build_queries, load_queries, ndcg_at_k, recall_at_k
+from bge_pipeline.core.judged_set import build_queries, load_queries, ndcg_at_k, recall_at_k
 from bge_pipeline_tests.test_search import MigratedTable, shared_migrated_table
 
 

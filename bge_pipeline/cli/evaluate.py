@@ -9,7 +9,8 @@ from pathlib import Path
 
 from bge_pipeline.cli.models import demo_settings
 from bge_pipeline.core.corpus import load_segments
-from bge_pipeline.core.evaluation import EVAL_SET, build_queries, evaluate, load_queries, load_reranker, write_queries
+from bge_pipeline.core.evaluation import evaluate, load_reranker
+from bge_pipeline.core.judged_set import EVAL_SET, build_queries, load_queries, write_queries
 from bge_pipeline.core.settings import Settings
 
 

@@ -13,6 +13,7 @@ from bge_pipeline.core.catalog import TableState
 from bge_pipeline.core.database import Database
 from bge_pipeline.core.encoder import Encoder
 from bge_pipeline.core.migration import MigrationTarget
+from bge_pipeline.core.neighbours import neighbour_overlap, unit_rows
 from bge_pipeline.core.search import Hit, SearchTarget, as_array, exact_search, retrieve, search, search_target
 
 MIN_RECALL = 0.95
@@ -130,18 +131,6 @@ class Agreement:
     sampled_rows: int
 
 
-def _unit_rows(vectors: list[np.ndarray]) -> np.ndarray:
-    matrix = np.vstack(vectors).astype(np.float32)
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-
-
-def _nearest(matrix: np.ndarray, row: int, k: int) -> set[int]:
-    """Positions of the k rows nearest to `row` by cosine, itself excluded."""
-    similarity = matrix @ matrix[row]
-    similarity[row] = -np.inf
-    return set(np.argpartition(-similarity, k)[:k].tolist())
-
-
 def neighbour_agreement(
     database: Database, state: TableState, new_column: str, old: tuple[str, str], sample_rows: int, k: int
 ) -> Agreement:
@@ -163,11 +152,9 @@ def neighbour_agreement(
     common = [row_id for row_id in ids if row_id in new and row_id in before]
     if len(common) <= k:
         return Agreement(0.0, 0)
-    new_matrix = _unit_rows([new[i] for i in common])
-    old_matrix = _unit_rows([before[i] for i in common])
-    queries = range(min(sample_rows, len(common)))
-    overlaps = [len(_nearest(old_matrix, q, k) & _nearest(new_matrix, q, k)) / k for q in queries]
-    return Agreement(float(np.mean(overlaps)), len(overlaps))
+    new_matrix = unit_rows([new[i] for i in common])
+    old_matrix = unit_rows([before[i] for i in common])
+    return Agreement(neighbour_overlap(old_matrix, new_matrix, sample_rows, k), min(sample_rows, len(common)))
 
 
 @dataclass(frozen=True)
