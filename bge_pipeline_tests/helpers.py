@@ -58,6 +58,14 @@ def vectors(conn: psycopg.Connection, column: str = "embedding", table: str = "s
     return {row[0]: np.array([float(x) for x in row[1].strip("[]").split(",")], dtype=np.float32) for row in rows}
 
 
+def step_error(result: dg.ExecuteInProcessResult) -> str:
+    """The failed step's own error message (`Module.Error: text`), not Dagster's wrapper around it."""
+    error = next(event for event in result.all_events if event.is_step_failure).event_specific_data.error
+    while error.cause is not None:
+        error = error.cause
+    return error.message
+
+
 def check_results(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
     return {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
 

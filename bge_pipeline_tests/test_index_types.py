@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 from bge_pipeline.core.database import Database
-from bge_pipeline.core.evaluation import evaluate, load_queries
+from bge_pipeline.core.evaluation import evaluate
+from bge_pipeline.core.judged_set import load_queries
 from bge_pipeline.core.migration import MigrationTarget
 from bge_pipeline.core.plan import plan_migration
 from bge_pipeline.core.rollback import restore_backup
@@ -20,16 +21,11 @@ from bge_pipeline.core.search import run_search
 from bge_pipeline.core.settings import Settings
 from bge_pipeline.core.verification import verify
 from bge_pipeline.defs.resources import build_resources
-from bge_pipeline_tests.helpers import check_results, columns, indexes, materialize, vectors
+from bge_pipeline_tests.helpers import check_results, columns, indexes, materialize, metadata, vectors
 
 pytestmark = pytest.mark.pgvector
 ROWS = 400
 STATE = "SELECT column_name, vector_type, index_type, kind FROM bge_pipeline_models ORDER BY column_name"
-
-
-def _metadata(result: Any, asset: str) -> dict[str, Any]:
-    materialization = result.asset_materializations_for_node(asset)[0]
-    return {key: value.value for key, value in materialization.metadata.items()}
 
 
 def _migrate(settings: Settings) -> Any:
@@ -93,7 +89,7 @@ def test_a_migrated_table_converts_to_hnsw_then_to_halfvec_without_encoding_agai
     index_phase = next(phase for phase in planned.phases if phase.name == "index")
     assert "USING hnsw" in index_phase.does and "DROP INDEX CONCURRENTLY the IVFFLAT" in index_phase.does
     result = _migrate(hnsw)
-    assert _metadata(result, "embedding_index")["replaced"] == "segments_embedding_ivfflat_idx"
+    assert metadata(result, "embedding_index")["replaced"] == "segments_embedding_ivfflat_idx"
     with connect() as conn:
         made = indexes(conn)
         assert "segments_embedding_hnsw_idx" in made and "segments_embedding_ivfflat_idx" not in made
@@ -108,7 +104,7 @@ def test_a_migrated_table_converts_to_hnsw_then_to_halfvec_without_encoding_agai
     backfill_phase = next(phase for phase in planned.phases if phase.name == "phase 2")
     assert f"copy {ROWS:,} vectors from embedding as halfvec (no encoding)" in backfill_phase.does
     result = _migrate(half)
-    embedded = _metadata(result, "embeddings")
+    embedded = metadata(result, "embeddings")
     assert embedded["texts_encoded"] == 0 and embedded["rows_copied"] == ROWS, embedded
     with connect() as conn:
         assert columns(conn)["embedding"] == "halfvec(384)"

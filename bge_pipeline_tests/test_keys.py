@@ -18,7 +18,7 @@ from bge_pipeline.core.search import search_segments
 from bge_pipeline.core.settings import Settings
 from bge_pipeline.defs.resources import build_resources
 from bge_pipeline_tests.faultkit import cli_environment
-from bge_pipeline_tests.helpers import check_results, materialize
+from bge_pipeline_tests.helpers import check_results, materialize, step_error
 
 pytestmark = pytest.mark.pgvector
 ROWS = 150
@@ -134,11 +134,9 @@ def test_a_composite_key_is_refused_naming_the_setting(database_url, minilm_path
         build_resources(settings, from_environment=False), "staging_embedding_column", raise_on_error=False
     )
     assert not result.success
-    error = next(event for event in result.all_events if event.is_step_failure).event_specific_data.error
-    while error.cause is not None:  # Dagster wraps the step's own error
-        error = error.cause
-    assert error.message.startswith("bge_pipeline.core.catalog.MigrationError: EMBEDDING_ID_COLUMN='book'")
-    assert error.message.strip().count("\n") == 0
+    message = step_error(result)
+    assert message.startswith("bge_pipeline.core.catalog.MigrationError: EMBEDDING_ID_COLUMN='book'")
+    assert message.strip().count("\n") == 0
     with connect() as conn:
         assert (
             conn.execute(

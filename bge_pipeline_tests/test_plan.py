@@ -15,7 +15,7 @@ from bge_pipeline.core.database import Database
 from bge_pipeline.core.migration import MigrationTarget
 from bge_pipeline.defs.resources import build_resources
 from bge_pipeline_tests.faultkit import snapshot
-from bge_pipeline_tests.helpers import columns, materialize
+from bge_pipeline_tests.helpers import columns, materialize, step_error
 
 pytestmark = pytest.mark.pgvector
 
@@ -65,11 +65,9 @@ def test_phase_1_refuses_a_disk_that_cannot_hold_the_migration(settings, seed_ta
         build_resources(settings, from_environment=False), "staging_embedding_column", raise_on_error=False
     )
     assert not result.success
-    error = next(event for event in result.all_events if event.is_step_failure).event_specific_data.error
-    while error.cause is not None:
-        error = error.cause
-    assert "Not enough disk for the migration of public.segments" in error.message
-    assert "1.0 MiB free" in error.message and "DISK_CHECK=false" in error.message
+    message = step_error(result)
+    assert "Not enough disk for the migration of public.segments" in message
+    assert "1.0 MiB free" in message and "DISK_CHECK=false" in message
     with connect() as conn:
         assert snapshot(conn) == before
 

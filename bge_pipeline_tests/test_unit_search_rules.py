@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -20,9 +21,11 @@ from bge_pipeline.core.catalog import (
     writable_column,
 )
 from bge_pipeline.core.corpus import Segment
-from bge_pipeline.core.encoder import ModelLoadError, default_batch_size, resolve_device, rows_within_budget
-from bge_pipeline.core.evaluation import build_queries, load_queries, ndcg_at_k, recall_at_k
-from bge_pipeline.core.migration import IndexSpec
+from bge_pipeline.core.encoder import Encoder, ModelLoadError, default_batch_size, resolve_device, rows_within_budget
+from bge_pipeline.core.int8_gate import Int8Agreement
+from bge_pipeline.core.judged_set import build_queries, load_queries, ndcg_at_k, recall_at_k
+from bge_pipeline.core.migration import IndexSpec, require_same_precision
+from bge_pipeline.core.neighbours import neighbour_overlap, unit_rows
 from bge_pipeline.core.quality import AnnVersusExact, bounded_queries, old_vectors
 from bge_pipeline.core.runtimes import resolve_backend, runtime_installed
 from bge_pipeline.core.search import (
@@ -459,3 +462,38 @@ def test_a_cpu_pass_holds_at_most_its_token_budget(lengths, start, max_rows, bud
 )
 def test_the_recall_check_runs_as_many_exact_searches_as_its_budget_allows(requested, rows, queries) -> None:
     assert bounded_queries(requested, rows) == queries
+
+
+# --- the int8 gate ----------------------------------------------------------------------------------------------
+
+
+def test_neighbour_overlap_is_one_for_the_same_vectors_and_low_for_unrelated_ones() -> None:
+    rng = np.random.default_rng(3)
+    vectors = unit_rows(list(rng.standard_normal((300, 16))))
+    assert neighbour_overlap(vectors, vectors, 50, 10) == 1.0
+    nudged = unit_rows(list(vectors + 0.01 * rng.standard_normal(vectors.shape)))
+    assert neighbour_overlap(vectors, nudged, 50, 10) > 0.9  # int8-sized noise keeps most neighbours
+    unrelated = unit_rows(list(rng.standard_normal((300, 16))))
+    assert neighbour_overlap(vectors, unrelated, 50, 10) < 0.2
+
+
+def test_the_int8_gate_passes_at_its_floor_and_names_both_figures() -> None:
+    gate = Int8Agreement(neighbour_agreement=0.95, sampled_texts=1000, ndcg_float=0.8, ndcg_int8=0.78, floor=0.95)
+    assert gate.passed and not replace(gate, neighbour_agreement=0.949).passed
+    described = gate.describe()
+    assert "0.950" in described and "INT8_MIN_AGREEMENT=0.95" in described
+    assert "0.780 int8" in described and "0.800 float" in described
+
+
+def test_a_column_holds_int8_or_float_vectors_never_both() -> None:
+    current = state([OLD, NEW], {"embedding_384": RecordedModel(MODEL, 384, runtime="onnx-int8")})
+    int8 = Encoder(None, MODEL, "cpu", 16, 384, backend="onnx-int8")
+    float_encoder = Encoder(None, MODEL, "cpu", 16, 384, backend="onnx")
+    assert require_same_precision(current, "embedding_384", int8) is int8
+    with pytest.raises(MigrationError, match="would write float vectors into segments.embedding_384, which holds int8"):
+        require_same_precision(current, "embedding_384", float_encoder)
+    # A record from before records had a runtime holds float vectors.
+    legacy = state([OLD, NEW], {"embedding_384": RecordedModel(MODEL, 384)})
+    assert require_same_precision(legacy, "embedding_384", float_encoder) is float_encoder
+    with pytest.raises(MigrationError, match="EMBEDDING_BACKEND=onnx-int8"):
+        require_same_precision(legacy, "embedding_384", int8)

@@ -78,13 +78,14 @@ class RecordedModel:
     dimensions: int
     vector_type: str = "vector"
     index_type: Optional[str] = field(default=None, compare=False)
+    runtime: Optional[str] = field(default=None, compare=False)  # the encoder's backend; None: before records had it
 
     def describe(self) -> str:
         return f"{self.model!r} ({self.vector_type}({self.dimensions}))"
 
     def row(self, schema: str, table: str, column: str) -> tuple[Any, ...]:
         """The parameters of sql.UPSERT_MODEL / UPSERT_BACKUP."""
-        return (schema, table, column, self.model, self.dimensions, self.vector_type, self.index_type)
+        return (schema, table, column, self.model, self.dimensions, self.vector_type, self.index_type, self.runtime)
 
 
 @dataclass(frozen=True)
@@ -151,13 +152,13 @@ def read_table_state(
     # Before Phase 1 first ran on this database there is no state table: nothing is recorded yet.
     records = conn.execute(sql.SELECT_MODELS, (schema, name)).fetchall() if scalar(conn, sql.STATE_TABLE_EXISTS) else []
     models = {
-        column: RecordedModel(model, dimensions, vector_type, index_type)
-        for column, model, dimensions, kind, vector_type, index_type in records
+        column: RecordedModel(model, dimensions, vector_type, index_type, runtime)
+        for column, model, dimensions, kind, vector_type, index_type, runtime in records
         if kind == "column" and (column not in columns or _describes(columns[column], dimensions, vector_type))
     }
     backups = {
         dimensions: Backup(relation, model, dimensions, vector_type)
-        for relation, model, dimensions, kind, vector_type, _ in records
+        for relation, model, dimensions, kind, vector_type, *_ in records
         if kind == "backup"
     }
     return TableState(table=table, columns=columns, models=models, indexes=indexes, backups=backups)

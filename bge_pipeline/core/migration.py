@@ -6,7 +6,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import psycopg
@@ -24,7 +24,15 @@ from bge_pipeline.core.catalog import (
     writable_column,
 )
 from bge_pipeline.core.database import Database, scalar
-from bge_pipeline.core.encoder import EncoderSource, resolve_encoder
+from bge_pipeline.core.encoder import Encoder, EncoderSource, resolve_encoder
+from bge_pipeline.core.int8_gate import (
+    DEFAULT_MIN_AGREEMENT,
+    SAMPLE_TEXTS,
+    Int8Agreement,
+    is_int8,
+    measure_int8,
+    precision,
+)
 from bge_pipeline.core.settings import Settings
 from bge_pipeline.core.sql import Table
 
@@ -51,6 +59,7 @@ class MigrationTarget:
     hnsw_m: Optional[int] = None
     hnsw_ef_construction: Optional[int] = None
     vector_type: str = "vector"
+    int8_min_agreement: float = DEFAULT_MIN_AGREEMENT
     keep_old_embeddings: bool = True
     disk_check: bool = True
 
@@ -73,6 +82,7 @@ class MigrationTarget:
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
             vector_type=settings.vector_type,
+            int8_min_agreement=settings.int8_min_agreement,
             keep_old_embeddings=settings.keep_old_embeddings,
             disk_check=settings.disk_check,
         )
@@ -128,6 +138,9 @@ def ivfflat_lists(rows: int, override: Optional[int] = None) -> int:
     return override or min(1000, max(100, int(math.sqrt(rows))))
 
 
+HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}  # pgvector's, used where HNSW_M / HNSW_EF_CONSTRUCTION are unset
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """The index a column should have: INDEX_TYPE under the cosine operator class of VECTOR_TYPE, with its
@@ -171,6 +184,7 @@ class StagingResult:
     created: bool
     migrated: bool
     converted_from: Optional[str] = None  # the live column, when this model's vectors change type only
+    int8: Optional[Int8Agreement] = None  # the gate's figures, when the column was made for int8 vectors
 
 
 def prepare_staging_column(db: Database, migration: MigrationTarget, encoder: EncoderSource) -> StagingResult:
@@ -180,24 +194,27 @@ def prepare_staging_column(db: Database, migration: MigrationTarget, encoder: En
     """
     with db.connect() as conn:  # a missing table or column is refused before the extension or state table is made
         require_table(conn, migration.schema_name, migration.table, migration.id_column, migration.text_column)
-        recorded = scalar(conn, sql.STATE_TABLE_EXISTS)
-        if recorded:  # a state table from before backups had a kind of their own gains it now
+        kept = scalar(conn, sql.STATE_TABLE_EXISTS)
+        if kept:  # a state table from an older version gains the columns records have now
             for statement in sql.UPGRADE_STATE_TABLE:
                 conn.execute(statement)
-        current = migration.read_state(conn) if recorded else None
+        current = migration.read_state(conn) if kept else None
         needs_column = current is None or migration.writable_column(current) is None
         converting = current is not None and migration.conversion_source(current) is not None
+    runtime, gate = None, None
     if needs_column and not converting:
         # The model loads before anything is made, so a model of another dimension is refused with the database as
         # it was (Encoder.load refuses it; an encoder given already loaded is checked here).
         model = resolve_encoder(encoder)
         if model.dimensions != migration.dimensions:
             raise MigrationError(f"EMBEDDING_DIMENSIONS={migration.dimensions} but the encoder has {model.dimensions}")
+        runtime, gate = model.backend, int8_gate(db, migration, model)
     db.ensure_pgvector()
     with db.connect() as conn:
         state = migration.read_state(conn)
         table = state.table
         column = migration.writable_column(state)
+        source = migration.conversion_source(state)
         if column is None:
             stale = unfinished_migrations(state)
             if stale:
@@ -206,18 +223,51 @@ def prepare_staging_column(db: Database, migration: MigrationTarget, encoder: En
                     "EMBEDDING_MODEL, or run the rollback_staging_column job with it before changing models"
                 )
             column = table.staging_column
+            if source:  # the same vectors in another type: made by the live column's runtime
+                runtime = state.models[source].runtime
+            recorded = replace(migration.recorded, runtime=runtime)
             conn.execute(sql.add_vector_column(table, column, migration.dimensions, migration.vector_type))
-            conn.execute(sql.UPSERT_MODEL, migration.recorded.row(table.schema, table.name, column))
+            conn.execute(sql.UPSERT_MODEL, recorded.row(table.schema, table.name, column))
             conn.execute(sql.comment_column(table, column, column_comment(migration.recorded)))
             created = True
         else:
             created = False
-        source = migration.conversion_source(state)
         # While a column is converted from the live one, a changed text must stale both: else the cast would
         # copy the old text's vector into the new column.
         for statement in sql.create_stale_vector_trigger(table, [column, *([source] if source else [])]):
             conn.execute(statement)
-    return StagingResult(column=column, created=created, migrated=column == table.live_column, converted_from=source)
+    return StagingResult(
+        column=column, created=created, migrated=column == table.live_column, converted_from=source, int8=gate
+    )
+
+
+def int8_gate(db: Database, migration: MigrationTarget, encoder: Encoder) -> Optional[Int8Agreement]:
+    """For an int8 encoder, its retrieval agreement with the float one on the table's own texts: a column is not
+    made for int8 vectors below INT8_MIN_AGREEMENT (None for a float encoder: nothing to judge)."""
+    if not is_int8(encoder.backend):
+        return None
+    with db.connect() as conn:
+        table = migration.read_state(conn).table
+        texts = [row[0] for row in conn.execute(sql.sample_texts(table), (SAMPLE_TEXTS,))]
+    gate = measure_int8(encoder, texts, migration.int8_min_agreement)
+    if not gate.passed:
+        raise MigrationError(
+            f"EMBEDDING_BACKEND=onnx-int8 refused for {table.name}: {gate.describe()}; set EMBEDDING_BACKEND=onnx "
+            "(float) or, accepting that loss, a lower INT8_MIN_AGREEMENT"
+        )
+    return gate
+
+
+def require_same_precision(state: TableState, column: str, encoder: Encoder) -> Encoder:
+    """Refuse to write int8 vectors into a column of float ones, or the reverse: a column holds one kind."""
+    recorded = state.models.get(column)
+    if recorded is not None and is_int8(recorded.runtime) != is_int8(encoder.backend):
+        raise MigrationError(
+            f"EMBEDDING_BACKEND={encoder.backend} would write {precision(encoder.backend)} vectors into "
+            f"{state.table.name}.{column}, which holds {precision(recorded.runtime)} ones ({recorded.runtime or 'float'}): "
+            "set EMBEDDING_BACKEND back, or roll the column back and embed it again"
+        )
+    return encoder
 
 
 def column_comment(recorded: RecordedModel) -> str:
@@ -243,7 +293,7 @@ def backfill(
     copied = copy_converted(db, state.table, source, column, migration, buckets, log) if source else 0
     stats = Backfill(
         db=db,
-        encoder=encoder,
+        encoder=lambda: require_same_precision(state, column, resolve_encoder(encoder)),
         table=state.table,
         column=column,
         partitions=migration.partitions,
@@ -464,7 +514,8 @@ def _embed_under_lock(
     statement = sql.select_pending_batch(table, table.staging_column, migration.partitions, buckets, after=False)
     rows = conn.execute(statement, {"scope": buckets, "limit": migration.batch_rows}).fetchall()
     batch = Batch(0, [row[0] for row in rows], [row[1] for row in rows])
-    return write_vectors(conn, table, table.staging_column, batch, resolve_encoder(encoder).encode(batch.texts))
+    model = require_same_precision(migration.read_state(conn), table.staging_column, resolve_encoder(encoder))
+    return write_vectors(conn, table, table.staging_column, batch, model.encode(batch.texts))
 
 
 def _refuse_unless_swappable(conn: psycopg.Connection, migration: MigrationTarget, pending: int) -> RecordedModel:

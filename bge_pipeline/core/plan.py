@@ -18,7 +18,9 @@ from bge_pipeline.core import sql
 from bge_pipeline.core.catalog import MigrationError
 from bge_pipeline.core.database import Database, scalar
 from bge_pipeline.core.encoder import Encoder
-from bge_pipeline.core.migration import IndexSpec, MigrationTarget
+from bge_pipeline.core.int8_gate import SAMPLE_TEXTS as INT8_SAMPLE_TEXTS
+from bge_pipeline.core.int8_gate import is_int8, measure_int8
+from bge_pipeline.core.migration import HNSW_DEFAULTS, IndexSpec, MigrationTarget
 from bge_pipeline.core.quality import bounded_queries
 
 # Rows written a second by one backfill writer, 384-dim vectors into a table that keeps the guide's old IVFFLAT
@@ -29,7 +31,6 @@ INDEX_SECONDS_PER_ROW_DIMENSION_LIST = 4.9 / (100_000 * 384 * 316)
 # HNSW build seconds per row x dimension x ef_construction (`bench --index`, 100,000 x 384, m=16,
 # ef_construction=64, 2 parallel workers): see docs/performance.md.
 HNSW_SECONDS_PER_ROW_DIMENSION_EF = 60.0 / (100_000 * 384 * 64)
-HNSW_DEFAULT_M, HNSW_DEFAULT_EF_CONSTRUCTION = 16, 64
 # An HNSW element: its vector, 2m neighbours on layer 0 (6-byte item pointers, a few on upper layers) and headers.
 HNSW_ELEMENT_OVERHEAD_BYTES = 96
 # Copying the old vectors into the backup table (CREATE TABLE AS): sequential read and write.
@@ -53,7 +54,7 @@ def index_bytes(spec: IndexSpec, rows: int, dimensions: int) -> int:
     vector with its neighbour lists."""
     vector = vector_bytes(dimensions, spec.vector_type)
     if spec.method == "hnsw":
-        m = spec.m or HNSW_DEFAULT_M
+        m = spec.m or HNSW_DEFAULTS["m"]
         return int(rows * 1.1 * (vector + 2 * m * 6 + HNSW_ELEMENT_OVERHEAD_BYTES))
     return int((rows * 1.1 + spec.options(rows)["lists"]) * vector)
 
@@ -63,7 +64,7 @@ def index_seconds(spec: IndexSpec, rows: int, dimensions: int) -> float:
         return (
             rows
             * dimensions
-            * (spec.ef_construction or HNSW_DEFAULT_EF_CONSTRUCTION)
+            * (spec.ef_construction or HNSW_DEFAULTS["ef_construction"])
             * HNSW_SECONDS_PER_ROW_DIMENSION_EF
         )
     return rows * dimensions * spec.options(rows)["lists"] * INDEX_SECONDS_PER_ROW_DIMENSION_LIST
@@ -94,6 +95,7 @@ class Plan:
     bytes_by_part: dict[str, int]
     free_bytes: Optional[int]
     phases: list[Phase] = field(default_factory=list)
+    int8: Optional[dict[str, Any]] = None  # the int8 gate's figures, when the encoder runs int8
 
     @property
     def bytes_needed(self) -> int:
@@ -132,6 +134,13 @@ class Plan:
             f"model           {self.model} ({self.vector_type}({self.dimensions})), encoder {rate}",
             f"index           {self.index_type.upper()} {self.vector_type}_cosine_ops, {parameters}",
         ]
+        if self.int8:
+            verdict = "passes" if self.int8["passed"] else "REFUSED: Phase 1 will not start"
+            lines.append(
+                f"int8 gate       neighbour agreement@10 {self.int8['neighbour_agreement']:.3f} (floor "
+                f"{self.int8['floor']}), judged nDCG@10 {self.int8['ndcg_int8']:.3f} int8 / "
+                f"{self.int8['ndcg_float']:.3f} float: {verdict}"
+            )
         for phase in self.phases:
             lines.append(f"{phase.name:<15} ~{phase.seconds:,.0f} s  {phase.does}; locks: {phase.locks}")
         parts = ", ".join(f"{name} {_mib(size)}" for name, size in self.bytes_by_part.items())
@@ -178,9 +187,13 @@ def plan_migration(database: Database, migration: MigrationTarget, encoder: Opti
         old_vectors = scalar(conn, sql.count_vectors(table, table.live_column)) if old_dimensions else 0
         heap_bytes, index_bytes_now = conn.execute(sql.TABLE_SIZES, (table.schema, table.name)).fetchone() or (0, 0)
         migrated = column == table.live_column
-        texts = [row[0] for row in conn.execute(sql.sample_texts(table), (SAMPLE_TEXTS,)).fetchall()]
+        gated = encoder is not None and is_int8(encoder.backend)  # the int8 gate samples more of the table
+        sampled = INT8_SAMPLE_TEXTS if gated else SAMPLE_TEXTS
+        texts = [row[0] for row in conn.execute(sql.sample_texts(table), (sampled,)).fetchall()]
     source = migration.conversion_source(state)
-    rate = measure_encoder(encoder, texts) if encoder is not None and texts and pending and not source else None
+    encoding = encoder is not None and bool(texts) and pending > 0 and not source
+    rate = measure_encoder(encoder, texts[:SAMPLE_TEXTS]) if encoding and encoder is not None else None
+    int8 = measure_int8(encoder, texts, migration.int8_min_agreement) if encoding and encoder and gated else None
     spec = migration.index
     live_index = state.search_index(column, spec.method)
     indexed = live_index is not None and spec.met_by(live_index, column)
@@ -267,6 +280,7 @@ def plan_migration(database: Database, migration: MigrationTarget, encoder: Opti
         index_type=spec.method,
         index_parameters=spec.options(with_text),
         converting_from=source,
+        int8=int8.as_dict() if int8 else None,
         encode_texts_per_second=rate,
         encode_device=encoder.device if rate and encoder else None,
         bytes_by_part=bytes_by_part,

@@ -126,7 +126,7 @@ def search_target(conn: psycopg.Connection, migration: MigrationTarget) -> Searc
         index=index.name if index else None,
         lists=index.lists if index and index.method == "ivfflat" else None,
         estimated_rows=rows,
-        iterative_scan=version is not None and _version_tuple(version[0]) >= ITERATIVE_SCAN_VERSION,
+        iterative_scan=version is not None and iterative_scans(version[0]),
         method=index.method if index else None,
         vector_type=state.columns[column].typname,
     )
@@ -142,8 +142,9 @@ def _no_column_message(state: TableState, migration: MigrationTarget) -> str:
     )
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+def iterative_scans(pgvector_version: str) -> bool:
+    """Whether this pgvector (its extversion) scans on past ef_search / the probed lists (0.8 and later)."""
+    return tuple(int(part) for part in pgvector_version.split(".")[:3] if part.isdigit()) >= ITERATIVE_SCAN_VERSION
 
 
 def retrieve(

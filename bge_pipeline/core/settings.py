@@ -52,6 +52,7 @@ class Settings(BaseModel):
     embedding_device: str = "auto"
     embedding_batch_size: Optional[int] = Field(None, ge=1, le=65536)
     embedding_backend: Backend = "auto"
+    int8_min_agreement: float = Field(0.95, ge=0.0, le=1.0)  # onnx-int8's gate: neighbours shared with float
     embedding_query_prefix: Optional[str] = None
     enable_reranker: bool = False
     reranker_model: str = DEFAULT_RERANKER

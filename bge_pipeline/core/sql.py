@@ -103,6 +103,7 @@ CREATE_STATE_TABLE = sql.SQL(
         kind text NOT NULL DEFAULT 'column' CHECK (kind IN ('column', 'backup')),
         vector_type text NOT NULL DEFAULT 'vector',
         index_type text,
+        runtime text,
         PRIMARY KEY (schema_name, table_name, column_name)
     )
     """
@@ -118,6 +119,7 @@ UPGRADE_STATE_TABLE = [
         state=sql.Identifier(STATE_TABLE)
     ),
     sql.SQL("ALTER TABLE {state} ADD COLUMN IF NOT EXISTS index_type text").format(state=sql.Identifier(STATE_TABLE)),
+    sql.SQL("ALTER TABLE {state} ADD COLUMN IF NOT EXISTS runtime text").format(state=sql.Identifier(STATE_TABLE)),
     sql.SQL(
         "UPDATE {state} SET kind = 'backup' "
         "WHERE kind = 'column' AND to_regclass(format('%I.%I', schema_name, column_name)) IS NOT NULL"
@@ -127,21 +129,23 @@ UPGRADE_STATE_TABLE = [
 STATE_TABLE_EXISTS = sql.SQL("SELECT to_regclass({state}) IS NOT NULL").format(state=sql.Literal(STATE_TABLE))
 
 SELECT_MODELS = sql.SQL(
-    "SELECT column_name, model, dimensions, kind, vector_type, index_type FROM {state} "
+    "SELECT column_name, model, dimensions, kind, vector_type, index_type, runtime FROM {state} "
     "WHERE schema_name = %s AND table_name = %s"
 ).format(state=sql.Identifier(STATE_TABLE))
 
 _UPSERT_RECORD = """
-    INSERT INTO {state} (schema_name, table_name, column_name, model, dimensions, vector_type, index_type, kind)
-    VALUES (%s, %s, %s, %s, %s, %s, %s, {kind})
+    INSERT INTO {state} (schema_name, table_name, column_name, model, dimensions, vector_type, index_type, runtime,
+                         kind)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, {kind})
     ON CONFLICT (schema_name, table_name, column_name)
     DO UPDATE SET model = EXCLUDED.model, dimensions = EXCLUDED.dimensions, vector_type = EXCLUDED.vector_type,
-                  index_type = EXCLUDED.index_type, kind = EXCLUDED.kind, recorded_at = now()
+                  index_type = EXCLUDED.index_type, runtime = EXCLUDED.runtime, kind = EXCLUDED.kind,
+                  recorded_at = now()
     """
-# (schema, table, column, model, dimensions, vector type, index type): which model's vectors a column of the
-# table holds, stored how, and indexed how (NULL: not yet).
+# (schema, table, column, model, dimensions, vector type, index type, runtime): which model's vectors a column of
+# the table holds, stored how, indexed how (NULL: not yet), and which runtime made them (int8 or float).
 UPSERT_MODEL = sql.SQL(_UPSERT_RECORD).format(state=sql.Identifier(STATE_TABLE), kind=sql.Literal("column"))
-# (schema, table, backup table, model, dimensions, vector type, NULL): a table of old vectors kept by a swap.
+# (schema, table, backup table, model, dimensions, vector type, NULL, runtime): old vectors kept by a swap.
 UPSERT_BACKUP = sql.SQL(_UPSERT_RECORD).format(state=sql.Identifier(STATE_TABLE), kind=sql.Literal("backup"))
 
 # (index type, schema, table, column): the index the column has now.

@@ -93,6 +93,7 @@ class MigrationResource(SettingsResource):
     hnsw_m: Optional[int] = None
     hnsw_ef_construction: Optional[int] = None
     vector_type: str = "vector"
+    int8_min_agreement: float = 0.95
     keep_old_embeddings: bool = True
     disk_check: bool = True
     reembed_min_pending: int = 1000

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from bge_pipeline.core.int8_gate import Int8Agreement
 from bge_pipeline.core.migration import prepare_staging_column
 from bge_pipeline.core.plan import Plan, check_room
 from bge_pipeline.defs.resources import DatabaseResource, EncoderResource, MigrationResource
@@ -38,8 +39,19 @@ def staging_embedding_column(
             "dimensions": dg.MetadataValue.int(migration.embedding_dimensions),
             "database": dg.MetadataValue.text(db.description),
             **plan_metadata(plan),
+            **(int8_metadata(result.int8) if result.int8 else {}),
         }
     )
+
+
+def int8_metadata(gate: Int8Agreement) -> dict[str, dg.MetadataValue]:
+    """The int8 gate's figures: why this column was allowed int8 vectors."""
+    return {
+        "int8_neighbour_agreement_at_10": dg.MetadataValue.float(round(gate.neighbour_agreement, 4)),
+        "int8_min_agreement": dg.MetadataValue.float(gate.floor),
+        "int8_ndcg_at_10": dg.MetadataValue.float(round(gate.ndcg_int8, 4)),
+        "float_ndcg_at_10": dg.MetadataValue.float(round(gate.ndcg_float, 4)),
+    }
 
 
 def plan_metadata(plan: Plan) -> dict[str, dg.MetadataValue]:

@@ -7,7 +7,7 @@ import dagster as dg
 from bge_pipeline.core.backfill import BackfillStats, Batch
 from bge_pipeline.core.migration import backfill, prepare_staging_column
 from bge_pipeline.core.plan import check_room
-from bge_pipeline.defs.assets.column import GROUP, staging_embedding_column
+from bge_pipeline.defs.assets.column import GROUP, int8_metadata, staging_embedding_column
 from bge_pipeline.defs.resources import DatabaseResource, EncoderResource, MigrationResource
 
 
@@ -80,11 +80,12 @@ def embeddings(
     # Phase 1 is idempotent: running it here lets `--select 'embeddings*'` migrate a table from scratch. The model
     # loads only where a column must be made or a row embedded: a migrated table's run loads none.
     check_room(db, target)
-    prepare_staging_column(db, target, encoder.get)
+    staged = prepare_staging_column(db, target, encoder.get)
     column, stats = backfill(
         db, target, encoder.get, list(range(target.partitions)), context.log, _observer(context, None)
     )
-    return dg.MaterializeResult(metadata=backfill_metadata(column, stats, encoder.embedding_model))
+    gate = int8_metadata(staged.int8) if staged.int8 else {}
+    return dg.MaterializeResult(metadata={**backfill_metadata(column, stats, encoder.embedding_model), **gate})
 
 
 def backfill_metadata(column: str, stats: BackfillStats, model: str) -> dict[str, dg.MetadataValue]:
