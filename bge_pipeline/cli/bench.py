@@ -1,4 +1,5 @@
-"""`bge-pipeline bench`: the seed's test_embedding_speed.py, and `--pipeline`, the backfill's costs measured apart.
+"""`bge-pipeline bench`: the seed's test_embedding_speed.py, and `--pipeline`, the backfill's costs measured apart;
+`--index` compares IVFFLAT and HNSW over vector and halfvec on the user's own vectors.
 
 Every figure is printed with what produced it (model, backend, device, threads, texts, batch size) because a
 speed without its conditions cannot be compared. `--json` prints one JSON object on stdout; the human lines go to
@@ -26,6 +27,7 @@ import psycopg
 from psycopg import sql as psql
 from tqdm import tqdm
 
+from bge_pipeline.cli.index_bench import DEFAULT_QUERIES, DEFAULT_ROWS, run_index_bench
 from bge_pipeline.cli.measure import Output, bench_database, corpus_path, repeated
 from bge_pipeline.cli.scale import run_scale_bench
 from bge_pipeline.core import migration as phases
@@ -57,7 +59,8 @@ def register_command(commands: argparse._SubParsersAction) -> None:
     """Add `bench` to the `bge-pipeline` command."""
     bench = commands.add_parser(
         "bench",
-        help="encoding throughput per batch size (the seed's test_embedding_speed.py); --pipeline: the backfill's costs",
+        help="encoding throughput per batch size (the seed's test_embedding_speed.py); --pipeline: the backfill's "
+        "costs; --index: index and vector types compared on your vectors",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -98,10 +101,23 @@ def register_command(commands: argparse._SubParsersAction) -> None:
         "seconds, disk growth against the plan, a concurrent reader's waits (a fresh embedded PostgreSQL)",
     )
     bench.add_argument(
+        "--index",
+        action="store_true",
+        help="ivfflat and hnsw over vector and halfvec: build seconds, bytes, recall@10 at the search path's settings, "
+        "query p50/p99, write rows/s, and a recommendation; on the configured table's vectors (DATABASE_URL) or "
+        "encoded corpus texts (--model applies to those)",
+    )
+    bench.add_argument(
         "--rows",
         type=int,
-        default=DEFAULT_PIPELINE_ROWS,
-        help="--pipeline: rows to migrate, the corpus repeated under new ids past its end (default: 5000)",
+        help=f"--pipeline, --scale: rows to migrate, the corpus repeated under new ids past its end (default: "
+        f"{DEFAULT_PIPELINE_ROWS}); --index: vectors to index (default: {DEFAULT_ROWS:,})",
+    )
+    bench.add_argument(
+        "--queries",
+        type=int,
+        default=DEFAULT_QUERIES,
+        help=f"--index: held-out query vectors, never in the table (default: {DEFAULT_QUERIES})",
     )
     bench.add_argument(
         "--batch-rows", type=int, help="--pipeline: rows per backfill batch (default: BACKFILL_BATCH_ROWS)"
@@ -128,11 +144,20 @@ def _int_list(raw: str) -> tuple[int, ...]:
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
-    """The `bench` handler: encoding by batch size, or with --pipeline the whole backfill path."""
+    """The `bench` handler: encoding by batch size, or with --pipeline the whole backfill path, or --scale, or --index."""
+    modes = [flag for flag in ("scale", "pipeline", "index") if getattr(args, flag)]
+    if len(modes) > 1:
+        raise ValueError(f"--{' and --'.join(modes)}: choose one")
+    if args.rows is None:
+        args.rows = DEFAULT_ROWS if args.index else DEFAULT_PIPELINE_ROWS
     if args.texts < 1 or args.rows < 1:
         raise ValueError("--texts and --rows must be 1 or more")
+    if args.queries < 1:
+        raise ValueError("--queries must be 1 or more")
     out = Output(args.json)
-    if args.scale:
+    if args.index:
+        result = run_index_bench(args, settings, out)
+    elif args.scale:
         result = run_scale_bench(args, settings, out)
     elif args.pipeline:
         result = run_pipeline_bench(args, settings, out)
