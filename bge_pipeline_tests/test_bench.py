@@ -165,18 +165,22 @@ def test_exported_backends_give_the_torch_vectors(minilm_path: str, backend: str
     assert graph in record["made"] and record["agreement"][f"{engine}:{graph}"] >= 0.99999
 
 
-def test_int8_graphs_that_move_the_vectors_are_not_used(minilm_path: str, caplog: pytest.LogCaptureFixture) -> None:
-    """Real weights quantise badly: all-MiniLM-L6-v2's int8 graph gives vectors at cosine ~0.987 to torch's on the
-    probe texts, under MIN_COSINE, so `onnx-int8` runs the exact fp32 graph instead and says so."""
+def test_int8_runs_on_request_with_its_per_vector_cosine_logged(
+    minilm_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Real weights quantise loosely: all-MiniLM-L6-v2's int8 graph gives vectors at cosine ~0.987 to torch's on the
+    probe texts. That is logged, not a refusal: the int8 gate judges what it does to retrieval (test_int8_gate)."""
     pytest.importorskip("onnxruntime")
     with caplog.at_level(logging.INFO, logger="bge_pipeline"):
         encoder = Encoder.load(minilm_path, 384, "cpu", 4, "onnx-int8")
-    assert encoder.backend == "onnx"
-    assert "model_int8.onnx gives vectors at cosine" in caplog.text and "not used" in caplog.text
+    assert encoder.backend == "onnx-int8"
+    assert "EMBEDDING_BACKEND=onnx-int8: running the transformer from" in caplog.text
     record = json.loads((Path(minilm_path) / "onnx" / EXPORT_MARKER).read_text())
-    assert record["agreement"]["onnxruntime:model_int8.onnx"] < 0.999  # remembered: not measured again
+    lowest = record["agreement"]["onnxruntime:model_int8.onnx"]
+    assert lowest < 0.999  # remembered: not measured again
     reference = Encoder.load(minilm_path, 384, "cpu", 4, "torch").encode(TEXTS)
-    assert np.all(np.sum(encoder.encode(TEXTS) * reference, axis=1) >= 0.99999)
+    cosines = np.sum(encoder.encode(TEXTS) * reference, axis=1)
+    assert np.all(cosines > 0.9) and np.any(cosines < 0.999)  # close, not equal: int8 vectors are their own kind
 
 
 def test_int8_runs_where_its_vectors_agree(caplog: pytest.LogCaptureFixture) -> None:
@@ -264,7 +268,8 @@ def test_real_cuda_out_of_memory_halves_the_batch(minilm_path: str) -> None:
     # Hold all but ~1.5 GiB so that a 4096 x 512-token batch cannot fit but small batches can.
     ballast = torch.empty(max(free_bytes - 1536 * 2**20, 0), dtype=torch.uint8, device="cuda")
     try:
-        vectors = encoder.encode([" ".join(["union"] * 600)] * 4096)
+        # Distinct texts: identical ones are encoded once (the encoder dedupes), and one text never runs out.
+        vectors = encoder.encode([f"{i} " + " ".join(["union"] * 600) for i in range(4096)])
     finally:
         del ballast
         torch.cuda.empty_cache()

