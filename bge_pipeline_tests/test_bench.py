@@ -97,6 +97,18 @@ def test_bench_json_reports_rates_for_each_backend(minilm_path: str) -> None:
     assert set(result["backend_speedups"]) == {"torch", "onnx"}
 
 
+def test_bench_reports_the_int8_gate_beside_int8s_speed(minilm_path: str) -> None:
+    """int8's figure that matters: how many float neighbours it keeps, and the judged set's nDCG@10 for each."""
+    pytest.importorskip("onnxruntime")
+    common = ["--model", minilm_path, "--texts", "16", "--batch-sizes", "16", "--device", "cpu", "--no-progress"]
+    done = run_cli("bench", *common, "--backend", "onnx,onnx-int8", "--json", env={"INT8_MIN_AGREEMENT": "0.5"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    gate = json.loads(done.stdout)["int8_gate"]
+    assert 0.5 < gate["neighbour_agreement"] < 1.0 and gate["passed"] and gate["floor"] == 0.5
+    assert gate["ndcg_int8"] > 0.5 and gate["ndcg_float"] > 0.5
+    assert "onnx-int8 gate: int8 neighbours agree with float ones at" in done.stderr and "passes" in done.stderr
+
+
 @pytest.mark.pgvector
 def test_pipeline_bench_measures_encoding_writes_backfill_index_and_rss(
     minilm_path: str, database_url: str, connect: Any

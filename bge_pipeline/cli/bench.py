@@ -36,6 +36,7 @@ from bge_pipeline.core.backfill import Batch, write_vectors
 from bge_pipeline.core.corpus import create_seed_table, load_segments
 from bge_pipeline.core.database import Database
 from bge_pipeline.core.encoder import Encoder, ModelLoadError
+from bge_pipeline.core.int8_gate import is_int8, measure_int8
 from bge_pipeline.core.migration import MigrationTarget
 from bge_pipeline.core.settings import Settings
 from bge_pipeline.core.shape_model import resolve_model
@@ -308,6 +309,9 @@ def run_encoding_bench(args: argparse.Namespace, settings: Settings, out: Output
     if len(loaded_models) > 1:
         result["backend_speedups"] = _backend_speedups(runs, out)
         result["backend_agreement"] = _backend_agreement(loaded_models, texts, out)
+    int8 = next((loaded.encoder for loaded in loaded_models if is_int8(loaded.backend)), None)
+    if int8 is not None:
+        result["int8_gate"] = _int8_gate(int8, texts, settings.int8_min_agreement, out)
     if args.baseline_model:
         baseline = load_model(args.baseline_model, device, "torch")
         measured = measure_encoding(
@@ -350,6 +354,13 @@ def _backend_agreement(loaded_models: list[LoadedModel], texts: Sequence[str], o
             f"over {len(probe)} texts (incl. empty and 1,200-word)"
         )
     return agreement
+
+
+def _int8_gate(int8: Encoder, texts: Sequence[str], floor: float, out: Output) -> dict[str, Any]:
+    """What the pipeline's int8 gate would say on these texts: the figure that decides, not per-vector cosine."""
+    gate = measure_int8(int8, texts, floor)
+    out.line(f"   onnx-int8 gate: {gate.describe()}: {'passes' if gate.passed else 'REFUSED'}")
+    return gate.as_dict()
 
 
 # --- --pipeline -------------------------------------------------------------------------------------------
