@@ -65,7 +65,6 @@ MIN_PASSAGE_WORDS = 4  # a shorter "sentence" is mostly a split abbreviation ("M
 SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 BENCH_SCHEMA = "public"
 BENCH_COLUMN = "embedding"
-# pgvector's build defaults, reported where HNSW_M / HNSW_EF_CONSTRUCTION leave them to it.
 RECALL_TOLERANCE = 0.01
 SIMILAR_LATENCY = 1.25  # a p99 within 25% of the other's is "similar": runs on a shared machine vary that much
 
