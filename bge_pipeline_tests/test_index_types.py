@@ -71,6 +71,18 @@ def test_hnsw_over_halfvec_migrates_searches_and_keeps_ndcg(
     assert checked.complete and checked.live is not None
     assert checked.live.declared_type == "halfvec(384)" and checked.live.index_method == "hnsw"
 
+    # Re-embedding: an edited text loses its halfvec vector and the next run gives it a new one, in place.
+    with connect() as conn:
+        conn.execute(
+            "UPDATE segments SET text = 'A new text about harbours and tariffs' WHERE id = (SELECT min(id) FROM segments)"
+        )
+        assert conn.execute("SELECT count(*) FROM segments WHERE embedding IS NULL").fetchone()[0] == 1
+    result = materialize(build_resources(settings, from_environment=False), "embeddings")
+    assert metadata(result, "embeddings")["rows_embedded"] == 1
+    with connect() as conn:
+        assert conn.execute("SELECT count(*) FROM segments WHERE embedding IS NULL").fetchone()[0] == 0
+        assert columns(conn)["embedding"] == "halfvec(384)"
+
 
 def test_a_migrated_table_converts_to_hnsw_then_to_halfvec_without_encoding_again(
     seed_table: Callable[..., Any], make_settings: Callable[..., Settings], connect: Callable[[], psycopg.Connection]

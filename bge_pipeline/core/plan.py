@@ -28,10 +28,11 @@ from bge_pipeline.core.quality import bounded_queries
 WRITE_ROWS_PER_SECOND = 12_000
 # IVFFLAT build seconds per row x dimension x list: 100,000 x 384 with 316 lists took 4.9 s (maintenance_work_mem 1GB).
 INDEX_SECONDS_PER_ROW_DIMENSION_LIST = 4.9 / (100_000 * 384 * 316)
-# HNSW build seconds per row x dimension x ef_construction (`bench --index`, 100,000 x 384, m=16,
-# ef_construction=64, 2 parallel workers): see docs/performance.md.
-HNSW_SECONDS_PER_ROW_DIMENSION_EF = 60.0 / (100_000 * 384 * 64)
-# An HNSW element: its vector, 2m neighbours on layer 0 (6-byte item pointers, a few on upper layers) and headers.
+# HNSW build seconds per row x dimension x ef_construction: 100,000 x 384 at m=16, ef_construction=64 took 35.7 s
+# (vector) and 38.6 s (halfvec) in `bench --index` (docs/performance.md).
+HNSW_SECONDS_PER_ROW_DIMENSION_EF = 38.0 / (100_000 * 384 * 64)
+# An HNSW element: its vector, 2m neighbours on layer 0 (6-byte item pointers, a few on upper layers) and headers;
+# with the 1.1 below this gives 2,015 / 1,170 bytes a row for vector / halfvec(384), against 2,047 / 1,170 measured.
 HNSW_ELEMENT_OVERHEAD_BYTES = 96
 # Copying the old vectors into the backup table (CREATE TABLE AS): sequential read and write.
 COPY_BYTES_PER_SECOND = 200 * 2**20
