@@ -207,6 +207,53 @@ def test_int8_runs_where_its_vectors_agree(caplog: pytest.LogCaptureFixture) -> 
     assert np.all(np.sum(encoder.encode(TEXTS) * reference, axis=1) >= 0.999)
 
 
+def test_auto_on_a_cpu_times_each_runtime_and_pass_size_once_and_remembers_the_fastest(
+    minilm_path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from bge_pipeline.core import autotune
+
+    monkeypatch.setattr(autotune, "TUNING_FILE", "test_tuning.json")  # not the record real loads use
+    record = autotune.export_folder(minilm_path) / "test_tuning.json"
+    record.unlink(missing_ok=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="bge_pipeline"):
+            measured = Encoder.load(minilm_path, 384, "cpu", None, "auto")
+        assert measured.tuning is not None and "(measured:" in measured.tuning
+        rates = json.loads(record.read_text())[autotune.machine_key(None)]["rates"]
+        assert set(rates) == {
+            "onnx, batch 16, 1024-token passes",
+            "onnx, batch 32, whole batches",
+            "torch, batch 16, 1024-token passes",
+            "torch, batch 32, whole batches",
+        }
+        fastest = max(rates, key=rates.get)
+        assert measured.tuning.endswith(f"running {fastest}") and fastest.startswith(measured.backend)
+        assert "EMBEDDING_BACKEND=auto on this CPU (measured:" in caplog.text
+        # The runtime chosen is the one that runs: torch's vectors either way (the ONNX graph gives them too).
+        reference = Encoder.load(minilm_path, 384, "cpu", 4, "torch").encode(TEXTS)
+        assert np.all(np.sum(measured.encode(TEXTS) * reference, axis=1) >= 0.99999)
+
+        again = Encoder.load(minilm_path, 384, "cpu", None, "auto")
+        assert again.tuning is not None and "(remembered:" in again.tuning
+        assert (again.backend, again.batch_size, again.tokens_per_pass) == (
+            measured.backend,
+            measured.batch_size,
+            measured.tokens_per_pass,
+        )
+        # EMBEDDING_BATCH_SIZE is the upper bound: whole batches of it, or 16-row passes within the token budget.
+        capped = Encoder.load(minilm_path, 384, "cpu", 64, "auto")
+        assert capped.batch_size in (16, 64)
+        assert set(json.loads(record.read_text())[autotune.machine_key(64)]["rates"]) == {
+            "onnx, batch 16, 1024-token passes",
+            "onnx, batch 64, whole batches",
+            "torch, batch 16, 1024-token passes",
+            "torch, batch 64, whole batches",
+        }
+    finally:
+        record.unlink(missing_ok=True)
+
+
 def test_auto_is_onnx_on_a_cpu_and_torch_on_a_gpu_or_without_onnxruntime(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from bge_pipeline.core.autotune import tune_cpu
 from bge_pipeline.core.runtimes import RuntimeUnavailable, attach_runtime, resolve_backend
 from bge_pipeline.core.settings import Settings
 
@@ -47,9 +48,10 @@ def default_batch_size(device: str) -> int:
     return 256 if device.startswith("cuda") else 16
 
 
-# On a CPU the cost of a forward pass grows faster than its padded tokens: measured on SOTU segments (~49 tokens),
-# 16 rows a pass (~800 tokens) beat 64 rows by 25-30%. So EMBEDDING_BATCH_SIZE is how many rows an encode call
-# takes, and a pass holds at most this many padded tokens: the guide's CPU setting of 64 costs nothing.
+# On a CPU the cost of a forward pass can grow faster than its padded tokens: measured on SOTU segments (~49 tokens),
+# 16 rows a pass (~800 tokens) beat 64 rows by 25-30% for the bge-small shape. So EMBEDDING_BATCH_SIZE is how many
+# rows an encode call takes, and a pass holds at most this many padded tokens; with EMBEDDING_BACKEND=auto the
+# budget is one of the candidates autotune times against whole batches, per model and machine.
 CPU_TOKENS_PER_PASS = 1024
 
 
@@ -145,6 +147,7 @@ class Encoder:
         self._lock = threading.Lock()  # one encode at a time: the model is not re-entrant on a GPU
         # A GPU takes the whole batch in one pass (halved on out-of-memory); a CPU is held to a token budget.
         self.tokens_per_pass: Optional[int] = None if device.startswith("cuda") else CPU_TOKENS_PER_PASS
+        self.tuning: Optional[str] = None  # what EMBEDDING_BACKEND=auto measured and chose on a CPU
 
     @classmethod
     def load(
@@ -169,7 +172,11 @@ class Encoder:
             )
         runtime = getattr(loaded, "bge_pipeline_backend", backend)
         log.info(f"Loaded {model} on {resolved} ({runtime}), {produced} dims")
-        return cls(loaded, model, resolved, batch_size or default_batch_size(resolved), produced, runtime)
+        encoder = cls(loaded, model, resolved, batch_size or default_batch_size(resolved), produced, runtime)
+        if backend == "auto" and runtime == "onnx":  # auto picks ONNX on a CPU only: measure it against torch there
+            source = _model_source("EMBEDDING_MODEL", model)
+            encoder.tuning = tune_cpu(encoder, source, CPU_TOKENS_PER_PASS, batch_size).describe()
+        return encoder
 
     def encode(
         self,

@@ -107,7 +107,7 @@ def attach_runtime(loaded: Any, source: str, backend: str) -> str:
             log.warning(f"EMBEDDING_BACKEND={backend}: {candidates[0]} is not usable for {source}, running {file}")
         log.info(f"EMBEDDING_BACKEND={runs}: running the transformer from {path} (cosine to torch >= {agreement:.6f})")
         return runs
-    _detach(loaded)
+    detach_runtime(loaded)
     raise RuntimeUnavailable(f"EMBEDDING_BACKEND={backend}: no ONNX export of {source} gave the torch vectors")
 
 
@@ -235,7 +235,7 @@ def probe_texts() -> list[str]:
 
 def torch_vectors(loaded: Any, texts: list[str]) -> np.ndarray:
     """`loaded`'s own torch vectors, whatever runtime is attached to it."""
-    patched = _detach(loaded)
+    patched = detach_runtime(loaded)
     try:
         return loaded.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     finally:
@@ -383,6 +383,6 @@ def _attach(loaded: Any, infer: Infer) -> None:
     loaded[0].model.forward = forward
 
 
-def _detach(loaded: Any) -> Optional[Callable[..., Any]]:
+def detach_runtime(loaded: Any) -> Optional[Callable[..., Any]]:
     """Back to the torch forward; returns the runtime's forward that was attached, if any."""
     return loaded[0].model.__dict__.pop("forward", None)

@@ -111,6 +111,7 @@ def backfill_metadata(column: str, stats: BackfillStats, model: str) -> dict[str
         "backend": dg.MetadataValue.text(encoder.backend if encoder else "-"),
         "batch_size": dg.MetadataValue.int(encoder.batch_size if encoder else 0),
         "tokens_per_pass": dg.MetadataValue.int((encoder.tokens_per_pass or 0) if encoder else 0),  # 0: no budget
+        "encoder_choice": dg.MetadataValue.text((encoder.tuning or "as configured") if encoder else "-"),
     }
 
 
