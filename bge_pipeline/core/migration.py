@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import psycopg
+from psycopg.sql import Composed
 
 from bge_pipeline.core import sql
 from bge_pipeline.core.backfill import Backfill, BackfillStats, Batch, write_vectors
@@ -152,27 +153,33 @@ class IndexSpec:
     m: Optional[int] = None
     ef_construction: Optional[int] = None
 
+    @property
+    def given(self) -> dict[str, Optional[int]]:
+        """The method's build parameters as set (None: left to the formula or to pgvector)."""
+        if self.method == "ivfflat":
+            return {"lists": self.lists}
+        return {"m": self.m, "ef_construction": self.ef_construction}
+
     def options(self, rows: int) -> dict[str, int]:
         """The WITH (...) parameters of the build on `rows` vectors."""
         if self.method == "ivfflat":
             return {"lists": ivfflat_lists(rows, self.lists)}
-        given = {"m": self.m, "ef_construction": self.ef_construction}
-        return {name: value for name, value in given.items() if value is not None}
+        return {name: value for name, value in self.given.items() if value is not None}
 
     def met_by(self, index: Index, column: str) -> bool:
         """Whether an existing index is this one: same method and operator class, and every parameter given
         explicitly equal (the lists formula's value changes with the rows, so a kept index is not rebuilt for it)."""
-        explicit = (
-            {"lists": self.lists}
-            if self.method == "ivfflat"
-            else {"m": self.m, "ef_construction": self.ef_construction}
-        )
         return (
             index.serves(column)
             and index.method == self.method
             and index.opclass == sql.cosine_opclass(self.vector_type)
-            and all(value is None or index.option(name) == value for name, value in explicit.items())
+            and all(value is None or index.option(name) == value for name, value in self.given.items())
         )
+
+    def kept_options(self, index: Index) -> dict[str, int]:
+        """A kept index's parameters as the catalog has them (one left to pgvector's default is not stored)."""
+        found = {name: index.option(name) for name in self.given}
+        return {name: value for name, value in found.items() if value is not None}
 
 
 # --- Phase 1 ----------------------------------------------------------------------------------------------
@@ -368,40 +375,37 @@ def ensure_index(db: Database, state: TableState, column: str, spec: IndexSpec, 
     retired = [other for other in others if state.index(other) is not None]
     opclass = sql.cosine_opclass(spec.vector_type)
     started = time.perf_counter()
-    built = not (existing and spec.met_by(existing, column))
-    options = spec.options(rows) if built else _kept_options(existing, spec)
+    kept = existing is not None and spec.met_by(existing, column)
+    options = spec.kept_options(existing) if kept and existing else spec.options(rows)
     with db.connect(autocommit=True) as conn:
-        if built:
+        if not kept:
             if existing:
                 log.info(f"Dropping index {name} ({'invalid' if not existing.valid else 'other parameters'})")
                 conn.execute(sql.drop_index(table, name))
             described = ", ".join(f"{k}={v}" for k, v in options.items()) or "pgvector's defaults"
-            log.info(
-                f"Building {spec.method.upper()} index {name} on {table.name}.{column} ({opclass}, {described}): {rows:,} vectors"
-            )
-            try:
-                for statement in sql.INDEX_BUILD_SETTINGS:
-                    conn.execute(statement)
-                with _IndexProgress(db, table, log):
-                    conn.execute(sql.create_index(table, column, name, spec.method, spec.vector_type, options))
-            finally:
-                if not conn.closed:
-                    for statement in sql.INDEX_BUILD_RESET:
-                        conn.execute(statement)
-            conn.execute(sql.analyze(table))
+            log.info(f"Building {spec.method.upper()} index {name} on {table.name}.{column} ({opclass}, {described})")
+            _build(db, conn, sql.create_index(table, column, name, spec.method, spec.vector_type, options), table, log)
         for other in retired:
             log.info(f"Dropping {other}: INDEX_TYPE={spec.method} replaced it with {name}")
             conn.execute(sql.drop_index(table, other))
         conn.execute(sql.SET_INDEX_TYPE, (spec.method, table.schema, table.name, column))
-    seconds = time.perf_counter() - started if built else 0.0
-    return IndexResult(column, name, spec.method, opclass, options, rows, built, seconds, retired)
+    seconds = 0.0 if kept else time.perf_counter() - started
+    return IndexResult(column, name, spec.method, opclass, options, rows, not kept, seconds, retired)
 
 
-def _kept_options(index: Optional[Index], spec: IndexSpec) -> dict[str, int]:
-    """A kept index's parameters as the catalog has them (an HNSW parameter left default is not stored)."""
-    names = ("lists",) if spec.method == "ivfflat" else ("m", "ef_construction")
-    found = {name: index.option(name) for name in names} if index else {}
-    return {name: value for name, value in found.items() if value is not None}
+def _build(db: Database, conn: psycopg.Connection, statement: Composed, table: Table, log: logging.Logger) -> None:
+    """CREATE INDEX with the build's session settings, its progress logged; the settings do not leave with the
+    connection (it goes back to the pool)."""
+    try:
+        for setting in sql.INDEX_BUILD_SETTINGS:
+            conn.execute(setting)
+        with _IndexProgress(db, table, log):
+            conn.execute(statement)
+    finally:
+        if not conn.closed:
+            for setting in sql.INDEX_BUILD_RESET:
+                conn.execute(setting)
+    conn.execute(sql.analyze(table))
 
 
 class _IndexProgress(threading.Thread):
