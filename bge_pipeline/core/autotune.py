@@ -2,9 +2,9 @@
 which forward-pass size (a token budget, or whole batches as sentence-transformers runs them) encode this model
 fastest on this machine.
 
-No fixed rule holds for every model: on these two cores the bge-small shape runs 1.11x faster on ONNX than on
-torch, while all-MiniLM-L6-v2 runs about 1.2x faster on torch, so a fixed ONNX default made a 3,000-row run 0.70x a
-plain sentence-transformers script. So the first load of a model on a machine times each candidate on the same
+No fixed rule holds for every model or every day: on these two cores the bge-small shape measured 1.11x faster on
+ONNX than on torch on one day and 0.79x on another, and all-MiniLM-L6-v2 runs about 1.2x faster on torch, so a
+fixed ONNX default made a 3,000-row MiniLM run 0.70x a plain sentence-transformers script. So the first load of a model on a machine times each candidate on the same
 128 texts (two interleaved rounds, the best of each) and keeps the fastest; the choice is remembered next to the
 model's ONNX export (one file, keyed by machine and batch size), so later loads pay nothing (the first pays ~25 s
 for MiniLM). EMBEDDING_BATCH_SIZE, when set, is the upper bound every candidate keeps to.
