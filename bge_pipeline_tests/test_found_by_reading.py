@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from bge_pipeline.core import rollback, sql
-from bge_pipeline.core.catalog import MigrationError
+from bge_pipeline.core.catalog import MigrationError, RecordedModel
 from bge_pipeline.core.database import Database
 from bge_pipeline.core.migration import MigrationTarget, build_index
 from bge_pipeline.core.settings import Settings
@@ -39,7 +39,9 @@ def test_restore_refuses_a_column_that_holds_another_models_vectors(settings: Se
     assert materialize(build_resources(settings, from_environment=False), "embeddings*").success
     with connect() as conn:
         conn.execute("ALTER TABLE segments ADD COLUMN embedding_1536 vector(1536)")
-        conn.execute(sql.UPSERT_MODEL, ("public", "segments", "embedding_1536", "other/model-1536", 1536))
+        conn.execute(
+            sql.UPSERT_MODEL, RecordedModel("other/model-1536", 1536).row("public", "segments", "embedding_1536")
+        )
         before = snapshot(conn)
     with pytest.raises(MigrationError, match="embedding_1536 holds 'other/model-1536' vectors"):
         rollback.restore_backup(Database.from_settings(settings), MigrationTarget.from_settings(settings), 1536, log)

@@ -10,6 +10,7 @@ import pytest
 from pgvector.psycopg import register_vector
 
 from bge_pipeline.core import sql
+from bge_pipeline.core.catalog import RecordedModel
 from bge_pipeline.core.corpus import Segment
 from bge_pipeline.defs import quality_checks as quality
 from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS
@@ -93,7 +94,7 @@ def test_agreement_passes_with_a_note_when_no_old_vectors_remain(
             conn.execute(
                 "INSERT INTO segments VALUES (%s, %s, %s)", (i, f"segment {i}", vector / np.linalg.norm(vector))
             )
-        conn.execute(sql.UPSERT_MODEL, ("public", "segments", "embedding", minilm_path, 384))
+        conn.execute(sql.UPSERT_MODEL, RecordedModel(minilm_path, 384).row("public", "segments", "embedding"))
 
     result = dg.materialize(
         ALL_ASSETS_AND_CHECKS,
