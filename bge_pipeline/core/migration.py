@@ -142,6 +142,11 @@ def ivfflat_lists(rows: int, override: Optional[int] = None) -> int:
 HNSW_DEFAULTS = {"m": 16, "ef_construction": 64}  # pgvector's, used where HNSW_M / HNSW_EF_CONSTRUCTION are unset
 
 
+def describe_options(options: dict[str, int]) -> str:
+    """An index build's WITH (...) parameters for people: `m=24, ef_construction=100`."""
+    return ", ".join(f"{name}={value}" for name, value in options.items()) or "pgvector's defaults"
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """The index a column should have: INDEX_TYPE under the cosine operator class of VECTOR_TYPE, with its
@@ -382,8 +387,10 @@ def ensure_index(db: Database, state: TableState, column: str, spec: IndexSpec, 
             if existing:
                 log.info(f"Dropping index {name} ({'invalid' if not existing.valid else 'other parameters'})")
                 conn.execute(sql.drop_index(table, name))
-            described = ", ".join(f"{k}={v}" for k, v in options.items()) or "pgvector's defaults"
-            log.info(f"Building {spec.method.upper()} index {name} on {table.name}.{column} ({opclass}, {described})")
+            log.info(
+                f"Building {spec.method.upper()} index {name} on {table.name}.{column} "
+                f"({opclass}, {describe_options(options)})"
+            )
             _build(db, conn, sql.create_index(table, column, name, spec.method, spec.vector_type, options), table, log)
         for other in retired:
             log.info(f"Dropping {other}: INDEX_TYPE={spec.method} replaced it with {name}")

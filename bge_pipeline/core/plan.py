@@ -20,7 +20,7 @@ from bge_pipeline.core.database import Database, scalar
 from bge_pipeline.core.encoder import Encoder
 from bge_pipeline.core.int8_gate import SAMPLE_TEXTS as INT8_SAMPLE_TEXTS
 from bge_pipeline.core.int8_gate import is_int8, measure_int8
-from bge_pipeline.core.migration import HNSW_DEFAULTS, IndexSpec, MigrationTarget
+from bge_pipeline.core.migration import HNSW_DEFAULTS, IndexSpec, MigrationTarget, describe_options
 from bge_pipeline.core.quality import bounded_queries
 
 # Rows written a second by one backfill writer, 384-dim vectors into a table that keeps the guide's old IVFFLAT
@@ -128,12 +128,12 @@ class Plan:
         free = (
             "unknown (the server's disk is not visible from here)" if self.free_bytes is None else _mib(self.free_bytes)
         )
-        parameters = ", ".join(f"{k}={v}" for k, v in self.index_parameters.items()) or "pgvector's defaults"
         lines = [
             f"table           {self.table}: {self.rows_total:,} rows, {self.rows_with_text:,} with text, "
             f"{self.rows_pending:,} to embed",
             f"model           {self.model} ({self.vector_type}({self.dimensions})), encoder {rate}",
-            f"index           {self.index_type.upper()} {self.vector_type}_cosine_ops, {parameters}",
+            f"index           {self.index_type.upper()} {self.vector_type}_cosine_ops, "
+            f"{describe_options(self.index_parameters)}",
         ]
         if self.int8:
             verdict = "passes" if self.int8["passed"] else "REFUSED: Phase 1 will not start"
@@ -218,7 +218,6 @@ def plan_migration(database: Database, migration: MigrationTarget, encoder: Opti
     backfill_rate = WRITE_ROWS_PER_SECOND if source else min(rate or WRITE_ROWS_PER_SECOND, WRITE_ROWS_PER_SECOND)
     backfill_seconds = pending / backfill_rate if pending else 0.0
     build_seconds = 0.0 if indexed else index_seconds(spec, with_text, migration.dimensions)
-    options = ", ".join(f"{k}={v}" for k, v in spec.options(with_text).items()) or "pgvector's defaults"
     replacing = (
         f", then DROP INDEX CONCURRENTLY the {live_index.method.upper()} one it replaces"
         if live_index is not None and live_index.method != spec.method
@@ -243,7 +242,9 @@ def plan_migration(database: Database, migration: MigrationTarget, encoder: Opti
         ),
         Phase(
             "index",
-            done if indexed else f"CREATE INDEX CONCURRENTLY USING {spec.method} ({options}){replacing}",
+            done
+            if indexed
+            else f"CREATE INDEX CONCURRENTLY USING {spec.method} ({describe_options(spec.options(with_text))}){replacing}",
             "SHARE UPDATE EXCLUSIVE: reads and writes go on",
             build_seconds,
         ),
