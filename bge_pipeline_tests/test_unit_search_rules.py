@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -10,6 +12,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
+from bge_pipeline.core import autotune, runtimes
 from bge_pipeline.core.catalog import (
     Backup,
     Column,
@@ -438,7 +441,39 @@ def test_backend_choice() -> None:
     assert resolve_backend("torch", "cpu") == "torch"
     assert resolve_backend("auto", "cuda") == "torch"
     assert resolve_backend("onnx", "cuda:0") == "torch"  # the ONNX runtimes run on a CPU only
+    assert resolve_backend("torch-bf16", "cuda") == "torch"  # a GPU runs fp16
     assert resolve_backend("auto", "cpu") == ("onnx" if runtime_installed("onnx") else "torch")
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A CPU without AMX or AVX512-BF16 cannot be had on a machine that has them: the probe is replaced (a fake of
+    # the hardware, not of the code under test).
+    for module in (runtimes, autotune):
+        monkeypatch.setattr(module, "native_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="bge_pipeline.core.runtimes"):
+        assert resolve_backend("torch-bf16", "cpu") == "torch"
+    assert "EMBEDDING_BACKEND=torch-bf16 but this CPU has no native bf16" in caplog.text
+    assert "torch-bf16" not in autotune.runtimes()  # nor tuned: it would only lose
+
+
+def test_cpu_tuning_candidates_keep_to_the_batch_setting() -> None:
+    def shapes(explicit: Optional[int]) -> list[tuple[int, Optional[int]]]:
+        return [(c.batch_size, c.tokens_per_pass) for c in autotune.candidates(1024, explicit, ["torch"])]
+
+    # Unset: small passes within the token budget, wide passes for bf16 tiles, sentence-transformers' whole 32.
+    assert shapes(None) == [(16, 1024), (64, 4096), (32, None)]
+    assert shapes(64) == [(16, 1024), (64, 4096), (64, None)]  # the guide's 64 is the most rows a pass takes
+    assert shapes(8) == [(8, 1024), (8, 4096), (8, None)]
+    labels = [c.label for c in autotune.candidates(1024, None, ["onnx", "torch-bf16"])]
+    assert labels[0] == "onnx, batch 16, 1024-token passes" and labels[-1] == "torch-bf16, batch 32, whole batches"
+
+
+def test_cpu_tuning_is_keyed_by_the_cpu_and_the_batch_setting() -> None:
+    key = autotune.machine_key(64)
+    assert key.endswith(f"-{os.cpu_count()}cpu-batch64") and autotune.cpu_signature() in key
+    assert autotune.machine_key(None).endswith("batchdefault")
 
 
 @pytest.mark.parametrize(

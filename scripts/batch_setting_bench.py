@@ -8,7 +8,7 @@ EMBEDDING_BATCH_SIZE=64, and a LangChain user's re-ingest of the same texts: `Hu
 own, the same model folder on device cpu, their defaults otherwise. The seed table is made again before each run, so
 each one embeds every row; LangChain's tables are dropped before each of its runs, so each one starts empty.
 
-    python scripts/batch_setting_bench.py --rows 3000 [--model DIR] [--repeat 2] [--langchain-python PY]
+    python scripts/batch_setting_bench.py --rows 3000 [--model DIR] [--repeat 3] [--langchain-python PY]
 
 Wall seconds include Python's start, imports and the model load, as a user's clock would. LangChain runs from its
 own environment, so that the project's stays as it is; without --langchain-python it is skipped. One that reuses
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,16 +85,19 @@ def reset(url: str, segments: list[Segment], name: str) -> None:
             conn.execute("DROP TABLE IF EXISTS langchain_pg_embedding, langchain_pg_collection CASCADE")
 
 
-def report(best: dict[str, float], rows: int) -> list[str]:
-    """Seconds and texts/s for each contender; for the project's runs, how many times as fast as the script and
-    as LangChain (above 1: faster)."""
+def report(times: dict[str, list[float]], rows: int) -> list[str]:
+    """Best and median seconds and texts/s for each contender; for the project's runs and LangChain's, how many
+    times as fast as the script (and, for the project's, as LangChain), median against median (above 1: faster)."""
+    median = {name: statistics.median(seconds) for name, seconds in times.items()}
     lines = []
-    for name, seconds in best.items():
-        line = f"{name:<62} {seconds:7.1f} s  {rows / seconds:7.1f} texts/s"
+    for name, seconds in times.items():
+        line = (
+            f"{name:<62} best {min(seconds):6.1f} s  median {median[name]:6.1f} s  {rows / median[name]:7.1f} texts/s"
+        )
         if name in PROJECT or name == LANGCHAIN:
-            line += f"  {best[PLAIN] / seconds:5.2f}x the script"
-        if name in PROJECT and LANGCHAIN in best:
-            line += f"  {best[LANGCHAIN] / seconds:5.2f}x LangChain"
+            line += f"  {median[PLAIN] / median[name]:5.2f}x the script"
+        if name in PROJECT and LANGCHAIN in median:
+            line += f"  {median[LANGCHAIN] / median[name]:5.2f}x LangChain"
         lines.append(line)
     return lines
 
@@ -102,7 +106,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--model", default=None, help="a sentence-transformers folder (default: the packaged MiniLM)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each contender; the best is reported")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each contender, interleaved")
     parser.add_argument(
         "--langchain-python",
         default=None,
@@ -139,15 +143,14 @@ def main() -> int:
         if langchain_python:
             command = [langchain_python, "-c", LANGCHAIN_SCRIPT, model, str(texts), sqlalchemy_url(url)]
             contenders[LANGCHAIN] = (command, {})
-        best: dict[str, float] = {}
+        times: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(args.repeat):
             for name, (command, extra) in contenders.items():
                 reset(url, segments, name)
-                seconds = run(name, command, {**base, **extra}, root)
-                best[name] = min(best.get(name, seconds), seconds)
+                times[name].append(run(name, command, {**base, **extra}, root))
         server.cleanup()
-    print(f"{len(segments):,} segments, {model}, {os.cpu_count()} CPUs, best of {args.repeat}")
-    print("\n".join(report(best, len(segments))))
+    print(f"{len(segments):,} segments, {model}, {os.cpu_count()} CPUs, {args.repeat} runs each, interleaved")
+    print("\n".join(report(times, len(segments))))
     if not langchain_python:
         print(f"{LANGCHAIN}: skipped (no --langchain-python)")
     return 0

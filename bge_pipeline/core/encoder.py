@@ -84,8 +84,9 @@ def load_sentence_transformer(model: str, device: str, backend: str = "auto") ->
     """Load a sentence-transformers model from a local directory or the Hugging Face cache.
 
     `backend` "onnx", "onnx-int8" or "openvino" keeps sentence-transformers' tokenizer, pooling and normalisation
-    and runs only the transformer through an ONNX graph exported once from the torch weights (bge_pipeline.runtimes);
-    "auto" is onnx on a CPU when onnxruntime is installed, torch otherwise.
+    and runs only the transformer through an ONNX graph exported once from the torch weights, "torch-bf16" runs it
+    under bf16 autocast (bge_pipeline.runtimes); "auto" is onnx on a CPU when onnxruntime is installed (then tuned
+    by Encoder.load), torch otherwise.
     """
     from sentence_transformers import SentenceTransformer
 
@@ -173,7 +174,7 @@ class Encoder:
         runtime = getattr(loaded, "bge_pipeline_backend", backend)
         log.info(f"Loaded {model} on {resolved} ({runtime}), {produced} dims")
         encoder = cls(loaded, model, resolved, batch_size or default_batch_size(resolved), produced, runtime)
-        if backend == "auto" and runtime == "onnx":  # auto picks ONNX on a CPU only: measure it against torch there
+        if backend == "auto" and resolved == "cpu":  # a CPU's fastest runtime and pass size vary by model and chip
             source = _model_source("EMBEDDING_MODEL", model)
             encoder.tuning = tune_cpu(encoder, source, CPU_TOKENS_PER_PASS, batch_size).describe()
         return encoder

@@ -18,7 +18,7 @@ DOTENV_FILE = ".env"
 # An empty value means "unset" for every setting but this one, where it means "no query instruction".
 EMPTY_IS_A_VALUE = frozenset({"EMBEDDING_QUERY_PREFIX"})
 
-Backend = Literal["auto", "torch", "onnx", "onnx-int8", "openvino"]
+Backend = Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8", "openvino"]
 IndexType = Literal["ivfflat", "hnsw"]
 VectorType = Literal["vector", "halfvec"]
 # pgvector indexes vectors of at most this many dimensions (halfvec stores 2 bytes a component, so twice as many).
