@@ -24,10 +24,9 @@ from psycopg import sql
 from bge_pipeline.core.encoder import shared_encoder
 from bge_pipeline.core.settings import Settings
 from bge_pipeline.defs.resources import build_resources
-from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS
+from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS, same_text_rows
 
 DIMENSIONS = 384
-VECTOR_TOLERANCE = 1e-5
 
 
 def plain(url: str) -> str:
@@ -150,15 +149,16 @@ def fresh_vectors(model_path: str, texts: list[str]) -> np.ndarray:
 
 
 def assert_vectors_match_texts(model_path: str, rows: dict[Any, tuple[Optional[str], Optional[np.ndarray]]]) -> int:
-    """Every row with text has the vector of exactly that text (within 1e-5); rows without text have none."""
+    """Every row with text has the vector of exactly that text (to float rounding: helpers.SAME_TEXT_COSINE); rows
+    without text have none."""
     with_text = {key: value for key, value in rows.items() if value[0] is not None}
     missing = [key for key, (_, vector) in with_text.items() if vector is None]
     assert not missing, f"rows with text but no vector: {missing[:10]}"
     keys = sorted(with_text, key=str)
     expected = fresh_vectors(model_path, [with_text[key][0] for key in keys])
     stored = np.stack([with_text[key][1] for key in keys])
-    difference = np.abs(stored - expected).max(axis=1)
-    wrong = [(keys[i], float(difference[i])) for i in np.flatnonzero(difference > VECTOR_TOLERANCE)]
+    cosines = np.sum(stored * expected, axis=1)
+    wrong = [(keys[i], float(cosines[i])) for i in np.flatnonzero(~same_text_rows(stored, expected))]
     assert not wrong, f"vectors that do not belong to their row's text: {wrong[:10]}"
     for key, (text, vector) in rows.items():
         if text is None:

@@ -71,7 +71,8 @@ def register_command(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--backend",
-        help="torch, onnx, openvino or auto; a comma list measures each in this run (default: EMBEDDING_BACKEND)",
+        help="torch, torch-bf16, onnx, onnx-int8, openvino or auto; a comma list measures each in this run "
+        "(default: EMBEDDING_BACKEND)",
     )
     bench.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: EMBEDDING_DEVICE)")
     bench.add_argument(
