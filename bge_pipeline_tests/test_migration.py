@@ -50,6 +50,7 @@ def test_embeddings_star_migrates_the_guides_table(seed_table, resources, settin
             "SELECT COUNT(*), COUNT(embedding), COUNT(*) - COUNT(embedding) FROM segments WHERE text IS NOT NULL"
         ).fetchone()
         assert (total, populated, missing) == (120, 120, 0)
+        runtime = conn.execute("SELECT runtime FROM bge_pipeline_models WHERE column_name = 'embedding'").fetchone()[0]
         stored = vectors(conn)
         backup_rows = conn.execute("SELECT count(*) FROM segments_embedding_backup_1536").fetchone()[0]
     expected = encode(settings, [s.text for s in segments])
@@ -63,6 +64,7 @@ def test_embeddings_star_migrates_the_guides_table(seed_table, resources, settin
         and embedded["backend"] in autotune.runtimes()  # EMBEDDING_BACKEND=auto: whichever measured fastest here
         and embedded["rows_per_second"] > 0
     )
+    assert runtime == embedded["backend"]  # the column's record names what made its vectors (torch-bf16 on AMX)
     choice = embedded["encoder_choice"]  # what ran, and why: the candidates' measured rates
     assert choice.startswith("EMBEDDING_BACKEND=auto on this CPU")
     assert f"running {embedded['backend']}, batch {embedded['batch_size']}" in choice

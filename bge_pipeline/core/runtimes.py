@@ -53,8 +53,8 @@ EXPORT_MARKER = "bge_pipeline_export.json"
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MIN_COSINE = 0.999
 PROBE_TEXTS = 32
-# What each onnxruntime backend may run, most preferred first: int8 falls back to fp32, fused to the plain graph.
 BF16 = "torch-bf16"
+# What each onnxruntime backend may run, most preferred first: int8 falls back to fp32, fused to the plain graph.
 ONNX_CANDIDATES = {"onnx-int8": (INT8_FILE, FUSED_FILE, PLAIN_FILE), "onnx": (FUSED_FILE, PLAIN_FILE)}
 
 
