@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -146,16 +146,20 @@ def _attach_bf16(loaded: Any, exports: "_Exports") -> str:
     def forward(*args: Any, **kwargs: Any) -> Any:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             output = fp32_forward(*args, **kwargs)
-        output["last_hidden_state"] = output["last_hidden_state"].float()  # pooling and normalising in fp32
+        if isinstance(output, MutableMapping) and output.get("last_hidden_state") is not None:
+            output["last_hidden_state"] = output["last_hidden_state"].float()  # pooling and normalising in fp32
         return output
 
     transformer.forward = forward  # shadows the class's forward, as _attach does: detach_runtime undoes both
-    agreement = exports.agreement("torch:bf16")
+    try:
+        agreement = exports.agreement("torch:bf16")
+    except Exception as error:  # noqa: BLE001 - an architecture autocast does not suit: torch runs, as below
+        agreement, reason = 0.0, f"{type(error).__name__}: {str(error).strip()[:200]}"
+    else:
+        reason = f"vectors at cosine {agreement:.6f} to fp32's (< {MIN_COSINE})"
     if agreement < MIN_COSINE:
         detach_runtime(loaded)
-        raise RuntimeUnavailable(
-            f"EMBEDDING_BACKEND={BF16}: vectors at cosine {agreement:.6f} to fp32's (< {MIN_COSINE})"
-        )
+        raise RuntimeUnavailable(f"EMBEDDING_BACKEND={BF16}: {reason}")
     log.info(f"EMBEDDING_BACKEND={BF16}: matrix products in bf16 (cosine to fp32 >= {agreement:.6f})")
     return BF16
 
