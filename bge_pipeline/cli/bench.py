@@ -359,9 +359,7 @@ def _backend_agreement(loaded_models: list[LoadedModel], texts: Sequence[str], o
 
 def _int8_gate(int8: Encoder, texts: Sequence[str], floor: float, out: Output) -> dict[str, Any]:
     """What the pipeline's int8 gate would say on these texts: the figure that decides, not per-vector cosine."""
-    # The bench names a stand-in by its alias (shape:bge-small): the float reference loads from the folder.
-    reference = Encoder.load(resolve_model(int8.name), int8.dimensions, int8.device, int8.batch_size, "onnx")
-    gate = measure_int8(int8, texts, floor, reference)
+    gate = measure_int8(int8, texts, floor)
     out.line(f"   onnx-int8 gate: {gate.describe()}: {'passes' if gate.passed else 'REFUSED'}")
     return gate.as_dict()
 

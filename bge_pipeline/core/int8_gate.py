@@ -20,6 +20,7 @@ from bge_pipeline.core.corpus import load_segments
 from bge_pipeline.core.encoder import Encoder, shared_encoder
 from bge_pipeline.core.judged_set import load_queries, ndcg_at_k
 from bge_pipeline.core.neighbours import neighbour_overlap, unit_rows
+from bge_pipeline.core.shape_model import resolve_model
 
 INT8_RUNTIME = "onnx-int8"
 DEFAULT_MIN_AGREEMENT = 0.95
@@ -63,8 +64,9 @@ class Int8Agreement:
 
 
 def float_reference(int8: Encoder) -> Encoder:
-    """The same model on the float ONNX graph (torch's vectors to float rounding), for comparison."""
-    return shared_encoder(int8.name, int8.dimensions, int8.device, int8.batch_size, "onnx")
+    """The same model on the float ONNX graph (torch's vectors to float rounding), for comparison; a stand-in named
+    by its alias (`shape:bge-small`, as bench names it) loads from its folder."""
+    return shared_encoder(resolve_model(int8.name), int8.dimensions, int8.device, int8.batch_size, "onnx")
 
 
 @lru_cache(maxsize=8)
