@@ -124,17 +124,25 @@ def cpu_signature() -> str:
 
 
 def tune_cpu(encoder: Encoder, source: str, budget: int, explicit_batch: Optional[int]) -> Tuning:
-    """Choose and apply the fastest candidate for `encoder` (loaded with the ONNX graph attached)."""
+    """Choose and apply the fastest candidate for `encoder` (loaded on torch): the one remembered for this model, CPU
+    and batch setting, or, when none is (or its runtime no longer attaches), the fastest measured now."""
     path = export_folder(source) / TUNING_FILE
     key = machine_key(explicit_batch)
     record = _read(path)
-    if key in record:
-        tuning = Tuning(Candidate(**record[key]["chosen"]), record[key]["rates"], remembered=True)
-    else:
+    tuning = (
+        Tuning(Candidate(**record[key]["chosen"]), record[key]["rates"], remembered=True) if key in record else None
+    )
+    if tuning is not None:
+        try:
+            _apply(encoder, source, tuning.chosen)
+        except RuntimeUnavailable as error:
+            log.warning(f"{error}: timing the candidates again")
+            tuning = None
+    if tuning is None:
         tuning = _measure(encoder, source, candidates(budget, explicit_batch))
         record[key] = {"chosen": asdict(tuning.chosen), "rates": tuning.rates}
         _write(path, record)
-    _apply(encoder, source, tuning.chosen)
+        _apply(encoder, source, tuning.chosen)
     log.info(tuning.describe())
     return tuning
 

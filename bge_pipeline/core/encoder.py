@@ -51,7 +51,7 @@ def default_batch_size(device: str) -> int:
 # On a CPU the cost of a forward pass can grow faster than its padded tokens: measured on SOTU segments (~49 tokens),
 # 16 rows a pass (~800 tokens) beat 64 rows by 25-30% for the bge-small shape. So EMBEDDING_BATCH_SIZE is how many
 # rows an encode call takes, and a pass holds at most this many padded tokens; with EMBEDDING_BACKEND=auto the
-# budget is one of the candidates autotune times against whole batches, per model and machine.
+# budget is one of the pass shapes autotune times against wider passes and whole batches, per model and CPU.
 CPU_TOKENS_PER_PASS = 1024
 
 
@@ -85,8 +85,8 @@ def load_sentence_transformer(model: str, device: str, backend: str = "auto") ->
 
     `backend` "onnx", "onnx-int8" or "openvino" keeps sentence-transformers' tokenizer, pooling and normalisation
     and runs only the transformer through an ONNX graph exported once from the torch weights, "torch-bf16" runs it
-    under bf16 autocast (bge_pipeline.runtimes); "auto" is onnx on a CPU when onnxruntime is installed (then tuned
-    by Encoder.load), torch otherwise.
+    under bf16 autocast (bge_pipeline.runtimes); "auto" is onnx on a CPU when onnxruntime is installed, torch
+    otherwise (Encoder.load tunes `auto` on a CPU instead).
     """
     from sentence_transformers import SentenceTransformer
 
@@ -162,7 +162,10 @@ class Encoder:
         """Load the model and refuse it, before anything is written, if its dimension is not `dimensions`
         (None: whatever it produces, for measuring)."""
         resolved = resolve_device(device)
-        loaded = load_sentence_transformer(model, resolved, backend)
+        # A CPU's fastest runtime and pass size vary by model and chip: `auto` loads torch and tune_cpu attaches the
+        # runtime it remembers or measures, so no other runtime is set up only to be replaced.
+        tuned = backend == "auto" and resolved == "cpu"
+        loaded = load_sentence_transformer(model, resolved, "torch" if tuned else backend)
         produced = loaded.get_embedding_dimension()
         if produced is None:
             produced = int(loaded.encode(["dimension probe"], convert_to_numpy=True).shape[1])
@@ -174,7 +177,7 @@ class Encoder:
         runtime = getattr(loaded, "bge_pipeline_backend", backend)
         log.info(f"Loaded {model} on {resolved} ({runtime}), {produced} dims")
         encoder = cls(loaded, model, resolved, batch_size or default_batch_size(resolved), produced, runtime)
-        if backend == "auto" and resolved == "cpu":  # a CPU's fastest runtime and pass size vary by model and chip
+        if tuned:
             source = _model_source("EMBEDDING_MODEL", model)
             encoder.tuning = tune_cpu(encoder, source, CPU_TOKENS_PER_PASS, batch_size).describe()
         return encoder
