@@ -24,7 +24,7 @@ from psycopg import sql
 from bge_pipeline.core.encoder import shared_encoder
 from bge_pipeline.core.settings import Settings
 from bge_pipeline.defs.resources import build_resources
-from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS, same_text_rows
+from bge_pipeline_tests.helpers import ALL_ASSETS_AND_CHECKS, SAME_TEXT_COSINE
 
 DIMENSIONS = 384
 
@@ -158,7 +158,7 @@ def assert_vectors_match_texts(model_path: str, rows: dict[Any, tuple[Optional[s
     expected = fresh_vectors(model_path, [with_text[key][0] for key in keys])
     stored = np.stack([with_text[key][1] for key in keys])
     cosines = np.sum(stored * expected, axis=1)
-    wrong = [(keys[i], float(cosines[i])) for i in np.flatnonzero(~same_text_rows(stored, expected))]
+    wrong = [(keys[i], float(cosines[i])) for i in np.flatnonzero(cosines < SAME_TEXT_COSINE)]
     assert not wrong, f"vectors that do not belong to their row's text: {wrong[:10]}"
     for key, (text, vector) in rows.items():
         if text is None:
